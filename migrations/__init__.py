@@ -1,0 +1,1 @@
+"""Alembic migrations of the vlcache schema (shipped inside the package)."""

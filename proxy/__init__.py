@@ -1,0 +1,1 @@
+"""The HTTP side of vlcache: the caching reverse proxy, its CLI and its demo."""

@@ -1,0 +1,105 @@
+"""The ``vlcache`` command line: thin calls into the packages.
+
+Every setting of ``proxy.settings.Settings`` is a flag of ``serve`` (and of the other commands
+that need it); flags override ``VLCACHE_*`` environment variables, which override defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from .settings import Settings, describe_settings
+
+log = logging.getLogger(__name__)
+
+_STORE_SETTINGS = ("data_dir", "db", "log_level")
+
+
+def _add_settings(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    group = parser.add_argument_group("settings (also VLCACHE_<NAME> environment variables)")
+    for flag, env, default, help_text in describe_settings():
+        name = flag[2:].replace("-", "_")
+        if names is not None and name not in names:
+            continue
+        annotation = Settings.model_fields[name].annotation
+        text = f"{help_text} [{env}, default: {default}]"
+        if annotation is bool:
+            group.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
+        else:
+            group.add_argument(flag, dest=name, default=None, metavar="VALUE", help=text)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    given: dict[str, Any] = {
+        name: value
+        for name, value in vars(args).items()
+        if name in Settings.model_fields and value is not None
+    }
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise SystemExit(f"vlcache: invalid settings: {problems}") from None
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="vlcache",
+        description="A semantic response cache for vision-language models (Qwen3-VL), "
+        "as a reverse proxy in front of any OpenAI-compatible or native endpoint.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the caching proxy in front of --upstream")
+    _add_settings(serve)
+    migrate = commands.add_parser(
+        "migrate", help="bring the database schema to the newest revision"
+    )
+    _add_settings(migrate, _STORE_SETTINGS)
+    demo = commands.add_parser(
+        "demo", help="run a scripted workload against a built-in stand-in model and print a table"
+    )
+    demo.add_argument(
+        "--latency", type=float, default=0.8, help="stand-in model's answer time in seconds"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``vlcache`` console script."""
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        _configure_logging("WARNING")
+        raise SystemExit(asyncio.run(run_demo(latency=args.latency)))
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    if args.command == "serve":
+        from .server import serve
+
+        serve(settings)
+    elif args.command == "migrate":
+        from .server import migrate
+
+        asyncio.run(migrate(settings))

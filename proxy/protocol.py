@@ -1,0 +1,225 @@
+"""Reading chat requests and answers: only what the cache key and the store need.
+
+Two request shapes are understood, on any path:
+
+- OpenAI chat completions: ``{"model", "messages": [{"role", "content": str | [parts]}]}`` with
+  ``text`` and ``image_url`` parts (data URIs or http(s) URLs);
+- the native Qwen/DashScope form: ``{"model", "input": {"messages": [...]}, "parameters": {...}}``
+  with ``{"text": ...}`` and ``{"image": ...}`` parts, answered in ``output``.
+
+``parse_chat`` returns None for anything that is not a chat (it is passed through untouched) and
+raises ``Uncacheable`` for a chat the cache must not key (also passed through, and counted).
+"""
+
+from __future__ import annotations
+
+import binascii
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from embeddings.keys import Turn
+
+from .errors import Uncacheable
+
+RequestFormat = Literal["openai", "native"]
+
+_TURN_EXTRAS = ("name", "tool_calls", "tool_call_id", "function_call")
+_QUESTION_PREVIEW = 500
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSource:
+    """Where one image of a request comes from: inline bytes or a URL to fetch."""
+
+    position: int
+    data: bytes | None = None
+    url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """The parts of a chat request that the cache reads."""
+
+    format: RequestFormat
+    model: str
+    turns: tuple[Turn, ...]
+    params: dict[str, Any]
+    images: tuple[ImageSource, ...]
+    stream: bool
+    question: str
+
+
+def parse_chat(body: bytes, *, max_images: int, max_image_bytes: int) -> ChatRequest | None:
+    """Parse ``body``; None when it is not a chat request at all."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    if "messages" in doc:
+        request_format: RequestFormat = "openai"
+        messages = doc["messages"]
+        params = {k: v for k, v in doc.items() if k not in ("messages", "model")}
+    elif isinstance(doc.get("input"), dict) and "messages" in doc["input"]:
+        request_format = "native"
+        messages = doc["input"]["messages"]
+        params = doc.get("parameters", {})
+        if not isinstance(params, dict):
+            raise Uncacheable("parameters is not an object")
+    else:
+        return None
+    model = doc.get("model", "")
+    if not isinstance(model, str):
+        raise Uncacheable("model is not a string")
+    if not isinstance(messages, list) or not messages:
+        raise Uncacheable("messages is not a non-empty list")
+    reader = _MessageReader(max_images=max_images, max_image_bytes=max_image_bytes)
+    turns = tuple(reader.read(message) for message in messages)
+    if request_format == "openai":
+        stream = params.get("stream") is True
+    else:
+        stream = params.get("incremental_output") is True
+    return ChatRequest(
+        format=request_format,
+        model=model,
+        turns=turns,
+        params=params,
+        images=tuple(reader.images),
+        stream=stream,
+        question=_question_preview(turns),
+    )
+
+
+class _MessageReader:
+    """Turns messages into ``Turn``s, collecting their images in order."""
+
+    def __init__(self, *, max_images: int, max_image_bytes: int) -> None:
+        self.images: list[ImageSource] = []
+        self._max_images = max_images
+        self._max_image_bytes = max_image_bytes
+
+    def read(self, message: Any) -> Turn:
+        if not isinstance(message, dict):
+            raise Uncacheable("a message is not an object")
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise Uncacheable("a message has no string role")
+        content = message.get("content")
+        if content is None:
+            parts: tuple[str | int, ...] = ()
+        elif isinstance(content, str):
+            parts = (content,)
+        elif isinstance(content, list):
+            parts = tuple(self._part(part) for part in content)
+        else:
+            raise Uncacheable("message content is neither text nor a list of parts")
+        extras = {k: message[k] for k in _TURN_EXTRAS if message.get(k) is not None}
+        return Turn(role=role, parts=parts, extras=extras)
+
+    def _part(self, part: Any) -> str | int:
+        if isinstance(part, str):
+            return part
+        if not isinstance(part, dict):
+            raise Uncacheable("a content part is not an object")
+        kind = part.get("type")
+        if kind in (None, "text") and "text" in part:
+            text = part["text"]
+            if not isinstance(text, str):
+                raise Uncacheable("a text part is not a string")
+            return text
+        if kind == "image_url":
+            image_url = part.get("image_url")
+            url = image_url.get("url") if isinstance(image_url, dict) else image_url
+            return self._image(url)
+        if kind in (None, "image") and "image" in part:
+            return self._image(part["image"])
+        raise Uncacheable(f"content part of type {str(kind)[:40]!r} is not cacheable")
+
+    def _image(self, url: Any) -> int:
+        if not isinstance(url, str):
+            raise Uncacheable("an image URL is not a string")
+        position = len(self.images)
+        if position >= self._max_images:
+            raise Uncacheable(f"more than {self._max_images} images")
+        if url.startswith("data:"):
+            data = decode_data_uri(url, max_bytes=self._max_image_bytes)
+            self.images.append(ImageSource(position, data=data))
+        elif url.startswith(("http://", "https://")):
+            self.images.append(ImageSource(position, url=url))
+        else:
+            raise Uncacheable("image is neither a data URI nor an http(s) URL")
+        return position
+
+
+def decode_data_uri(uri: str, *, max_bytes: int) -> bytes:
+    """The bytes of a base64 ``data:image/...`` URI; ``Uncacheable`` when it is not one."""
+    header, sep, payload = uri.partition(",")
+    if not sep:
+        raise Uncacheable("data URI without a comma")
+    media = header[5:].split(";")
+    if not media[0].lower().startswith("image/") or "base64" not in media[1:]:
+        raise Uncacheable("data URI is not a base64 image")
+    if media[0].lower().startswith("image/svg"):
+        raise Uncacheable("SVG images are not cached")
+    if len(payload) // 4 * 3 > max_bytes + 3:
+        raise Uncacheable("image larger than the per-image limit")
+    try:
+        return binascii.a2b_base64(payload, strict_mode=True)
+    except binascii.Error as exc:
+        raise Uncacheable(f"corrupt base64 image: {exc}") from exc
+
+
+def _question_preview(turns: tuple[Turn, ...]) -> str:
+    """The text of the last user turn, shortened, for people inspecting entries."""
+    for turn in reversed(turns):
+        if turn.role == "user":
+            text = " ".join(p for p in turn.parts if isinstance(p, str))
+            return text[:_QUESTION_PREVIEW]
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerFacts:
+    """What the cache needs to know of an upstream answer."""
+
+    complete: bool
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def read_answer(request_format: RequestFormat, body: bytes) -> AnswerFacts:
+    """Whether a 200 answer is complete (every finish_reason is "stop") and its token usage."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return AnswerFacts(False, 0, 0)
+    if not isinstance(doc, dict):
+        return AnswerFacts(False, 0, 0)
+    if request_format == "openai":
+        reasons = _finish_reasons(doc.get("choices"))
+        usage = doc.get("usage")
+        prompt_key, completion_key = "prompt_tokens", "completion_tokens"
+    else:
+        output = doc.get("output")
+        output = output if isinstance(output, dict) else {}
+        reasons = _finish_reasons(output.get("choices"))
+        if "finish_reason" in output:
+            reasons.append(output["finish_reason"])
+        usage = doc.get("usage")
+        prompt_key, completion_key = "input_tokens", "output_tokens"
+    complete = bool(reasons) and all(reason == "stop" for reason in reasons)
+    usage = usage if isinstance(usage, dict) else {}
+    return AnswerFacts(complete, _count(usage.get(prompt_key)), _count(usage.get(completion_key)))
+
+
+def _finish_reasons(choices: Any) -> list[Any]:
+    if not isinstance(choices, list):
+        return []
+    return [c.get("finish_reason") if isinstance(c, dict) else None for c in choices]
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0

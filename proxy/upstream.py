@@ -1,0 +1,128 @@
+"""``Upstream``: the model endpoint behind the proxy, reached through one pooled session.
+
+Requests go out with the client's method, path, query, headers (minus hop-by-hop ones) and
+original body bytes; responses come back byte for byte (the session never decompresses, so
+``Content-Encoding`` and ``Content-Length`` stay true). aiohttp errors are translated here into the
+proxy's own 502 / 504 errors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from .errors import UpstreamTimeout, UpstreamUnreachable
+
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length"}
+
+
+def create_upstream_session(
+    *, connect_timeout: float, read_timeout: float
+) -> aiohttp.ClientSession:
+    """The pooled session to the upstream: no decompression, no invented headers."""
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=connect_timeout, sock_read=read_timeout
+    )
+    connector = aiohttp.TCPConnector(limit=1024, limit_per_host=0, keepalive_timeout=30)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,
+        skip_auto_headers=("Accept-Encoding", "User-Agent"),
+    )
+
+
+def forwardable(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    """Request headers minus hop-by-hop, ``Host`` and ``Content-Length``."""
+    connection_tokens = {
+        t.strip().lower() for t in headers.get("Connection", "").split(",") if t.strip()
+    }
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered not in _REQUEST_DROP and lowered not in connection_tokens:
+            out.add(name, value)
+    return out
+
+
+def relayable(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    """Response headers to hand back to the client (hop-by-hop ones removed)."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in HOP_BY_HOP:
+            out.add(name, value)
+    return out
+
+
+class Upstream:
+    """The model endpoint: a base URL and a session."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
+        self._session = session
+        self._base = URL(base_url)
+
+    def target(self, rel_url: URL) -> URL:
+        """The upstream URL for a request path + query (the base URL's path is a prefix)."""
+        path = self._base.path.rstrip("/") + rel_url.path
+        return self._base.with_path(path, encoded=False).with_query(rel_url.query)
+
+    @asynccontextmanager
+    async def open(
+        self, method: str, rel_url: URL, headers: CIMultiDict[str], data: Any
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Send one request; yields the response once its headers arrived."""
+        try:
+            async with self._session.request(
+                method, self.target(rel_url), headers=headers, data=data, allow_redirects=False
+            ) as response:
+                yield response
+        except TimeoutError as exc:
+            raise UpstreamTimeout("the upstream model did not answer in time") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnreachable(f"the upstream model could not be reached: {exc}") from exc
+
+    async def relay(
+        self,
+        request: web.Request,
+        response: aiohttp.ClientResponse,
+        extra_headers: Mapping[str, str],
+    ) -> web.StreamResponse:
+        """Stream ``response`` to the client chunk by chunk, as it arrives."""
+        out = web.StreamResponse(status=response.status, reason=response.reason)
+        out.headers.extend(relayable(response.headers))
+        out.headers.update(extra_headers)
+        await out.prepare(request)
+        try:
+            async for chunk in response.content.iter_any():
+                await out.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are out: the only honest signal left is to cut the client's connection
+            # too, so it never mistakes a truncated body for a complete one.
+            log.warning("upstream broke off mid-response: %s", exc or type(exc).__name__)
+            if request.transport is not None:
+                request.transport.abort()
+            return out
+        await out.write_eof()
+        return out

@@ -1,0 +1,1 @@
+"""Persistence of cached answers: SQL (the truth) behind one async facade."""

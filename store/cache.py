@@ -1,0 +1,215 @@
+"""``CacheStore``: the one async facade over the database, a memory tier and one writer.
+
+Reads go to a bounded in-memory map first (recently stored or served answers), then to SQL.
+Writes never hold up a response: ``add`` makes the answer visible in memory at once and queues
+its rows for a single writer task, which commits them in batches together with the buffered hit
+counters and ledger increments (every ``flush_interval`` seconds). SQL stays the source of truth:
+a restart loses at most the counters of the last interval, never a committed entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from .database import create_engine, upgrade_schema
+from .errors import StoreUnavailable
+from .ledger import Ledger
+from .memory import MemoryAnswers
+from .models import Entry, EntryImage
+from .records import NewEntry, StoredAnswer
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_EPOCH_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
+_RANDOM_BITS = 22
+_WRITE_BATCH = 128
+_MAX_PENDING_WRITES = 10_000
+
+
+def new_entry_id() -> int:
+    """A positive 63-bit id: milliseconds since 2025 then 22 random bits (time-ordered)."""
+    millis = int(time.time() * 1000) - _EPOCH_MS
+    return (millis << _RANDOM_BITS) | secrets.randbits(_RANDOM_BITS)
+
+
+class CacheStore:
+    """Async facade over one database: exact lookups, new entries, hit and ledger counters."""
+
+    def __init__(self, engine: AsyncEngine, *, memory_bytes: int, flush_interval: float) -> None:
+        self._engine = engine
+        self._memory = MemoryAnswers(memory_bytes)
+        self._ledger = Ledger()
+        self._flush_interval = flush_interval
+        self._pending: asyncio.Queue[NewEntry] = asyncio.Queue(_MAX_PENDING_WRITES)
+        self._writer: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    @classmethod
+    async def open(
+        cls, url: str, *, memory_bytes: int = 64 << 20, flush_interval: float = 1.0
+    ) -> CacheStore:
+        """Connect to ``url``, migrate the schema to head and start the writer."""
+        await upgrade_schema(url)
+        # Building an engine touches the file system (SQLite paths): keep it off the loop.
+        engine = await asyncio.to_thread(create_engine, url)
+        store = cls(engine, memory_bytes=memory_bytes, flush_interval=flush_interval)
+        store._writer = asyncio.create_task(store._write_forever(), name="vlcache-store-writer")
+        return store
+
+    async def close(self) -> None:
+        """Write everything pending, stop the writer and release connections."""
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+        try:
+            await self.flush()
+        except StoreUnavailable:
+            log.exception("pending writes lost at close")
+        await self._engine.dispose()
+
+    async def find_exact(self, exact_key: str) -> StoredAnswer | None:
+        """The newest live answer stored under ``exact_key``, or None."""
+        now = time.time()
+        answer = self._memory.get(exact_key)
+        if answer is not None:
+            if answer.expires_at is None or answer.expires_at > now:
+                return answer
+            self._memory.discard(exact_key)
+        query = (
+            select(
+                Entry.id,
+                Entry.status,
+                Entry.content_type,
+                Entry.body,
+                Entry.model,
+                Entry.prompt_tokens,
+                Entry.completion_tokens,
+                Entry.upstream_ms,
+                Entry.created_at,
+                Entry.expires_at,
+            )
+            .where(Entry.exact_key == exact_key, Entry.deleted.is_(False))
+            .where((Entry.expires_at.is_(None)) | (Entry.expires_at > now))
+            .order_by(Entry.created_at.desc())
+            .limit(1)
+        )
+        row = await self._run(lambda conn: _first(conn, query))
+        if row is None:
+            return None
+        answer = StoredAnswer(*row)
+        self._memory.put(exact_key, answer)
+        return answer
+
+    def add(self, entry: NewEntry) -> StoredAnswer | None:
+        """Make ``entry`` servable now and queue its rows; None if the write queue is full."""
+        try:
+            self._pending.put_nowait(entry)
+        except asyncio.QueueFull:
+            log.warning("store write queue full (%d): answer not cached", _MAX_PENDING_WRITES)
+            return None
+        answer = entry.answer()
+        self._memory.put(entry.exact_key, answer)
+        if self._pending.qsize() >= _WRITE_BATCH:
+            self._wake.set()
+        return answer
+
+    def record(
+        self,
+        outcome: str,
+        namespace: str,
+        model: str,
+        *,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        time_ms: float = 0.0,
+        entry_id: int | None = None,
+    ) -> None:
+        """Count one request outcome (and the served entry's hit) for the next flush."""
+        self._ledger.add(
+            outcome,
+            namespace,
+            model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            time_ms=time_ms,
+            entry_id=entry_id,
+        )
+
+    async def flush(self) -> None:
+        """Commit queued entries and buffered counters now."""
+        batch: list[NewEntry] = []
+        while not self._pending.empty():
+            batch.append(self._pending.get_nowait())
+        await self._write_entries(batch)
+        counters = self._ledger.take()
+        if counters.empty:
+            return
+        try:
+            await self._run(counters.write)
+        except StoreUnavailable:
+            self._ledger.restore(counters)
+            raise
+
+    async def _write_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._flush_interval)
+            self._wake.clear()
+            try:
+                await self.flush()
+            except StoreUnavailable as exc:
+                log.error("store write failed, will retry: %s", exc)
+
+    async def _write_entries(self, batch: list[NewEntry]) -> None:
+        for start in range(0, len(batch), _WRITE_BATCH):
+            chunk = batch[start : start + _WRITE_BATCH]
+            try:
+                await self._run(lambda conn, chunk=chunk: _insert_entries(conn, chunk))  # type: ignore[misc]
+            except StoreUnavailable:
+                # The answers were only ever promised by the memory tier: withdraw them, so
+                # nothing is served that SQL does not hold once this process restarts.
+                for entry in chunk:
+                    self._memory.discard(entry.exact_key)
+                raise
+
+    async def _run(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        try:
+            async with self._engine.begin() as conn:
+                return await work(conn)
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+
+async def _first(conn: AsyncConnection, query: Any) -> Any:
+    return (await conn.execute(query)).first()
+
+
+async def _insert_entries(conn: AsyncConnection, batch: list[NewEntry]) -> None:
+    if not batch:
+        return
+    await conn.execute(insert(Entry), [e.entry_row() for e in batch])
+    images = [row for e in batch for row in e.image_rows()]
+    if images:
+        await conn.execute(insert(EntryImage), images)
+    for entry in batch:
+        # A refreshed answer (Cache-Control: no-cache) retires the ones it replaces.
+        await conn.execute(
+            update(Entry)
+            .where(Entry.exact_key == entry.exact_key, Entry.id != entry.entry_id)
+            .where(Entry.deleted.is_(False), Entry.created_at <= entry.created_at)
+            .values(deleted=True)
+        )
