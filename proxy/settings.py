@@ -101,7 +101,7 @@ class Settings(BaseSettings):
         """The SQLAlchemy URL in force: ``--db`` or SQLite inside the data directory."""
         if self.db:
             return self.db
-        return f"sqlite+aiosqlite:///{(self.data_dir / 'vlcache.db').resolve()}"
+        return f"sqlite+aiosqlite:///{self.data_dir / 'vlcache.db'}"
 
 
 def describe_settings() -> list[tuple[str, str, Any, str]]:
