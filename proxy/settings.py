@@ -104,6 +104,15 @@ class Settings(BaseSettings):
         return f"sqlite+aiosqlite:///{self.data_dir / 'vlcache.db'}"
 
 
+def settings_markdown() -> str:
+    """The README's settings table, generated from this module."""
+    lines = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for flag, env, default, help_text in describe_settings():
+        shown = "" if default is None else f"`{default}`"
+        lines.append(f"| `{flag}` | `{env}` | {shown} | {help_text} |")
+    return "\n".join(lines)
+
+
 def describe_settings() -> list[tuple[str, str, Any, str]]:
     """Rows of (flag, environment variable, default, help) for ``--help`` and the README."""
     rows = []

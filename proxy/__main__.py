@@ -1,0 +1,5 @@
+"""``python -m proxy``: the same as the ``vlcache`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,101 @@
+"""The ``vlcache`` command as a user runs it: real processes, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from tests.conftest import data_uri, jpeg_bytes, openai_chat
+from tests.fakes import FakeUpstream
+
+VLCACHE = [sys.executable, "-m", "proxy"]
+
+
+async def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        *VLCACHE,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    return process.returncode or 0, out.decode()
+
+
+async def test_help_lists_commands_and_settings() -> None:
+    code, out = await _run("--help")
+    assert code == 0
+    for command in ("serve", "migrate", "demo"):
+        assert command in out
+    code, out = await _run("serve", "--help")
+    assert code == 0
+    assert "--upstream" in out and "VLCACHE_UPSTREAM" in out and "--max-body-bytes" in out
+
+
+async def test_invalid_setting_is_a_clear_error() -> None:
+    code, out = await _run("serve", "--port", "not-a-port")
+    assert code != 0
+    assert "--port" in out and "Traceback" not in out
+
+
+async def test_migrate_creates_the_schema(tmp_path: Path) -> None:
+    code, out = await _run("migrate", "--data-dir", str(tmp_path / "d"))
+    assert code == 0, out
+    assert (tmp_path / "d" / "vlcache.db").exists()
+
+
+async def test_demo_runs_offline_and_every_outcome_is_as_scripted() -> None:
+    code, out = await _run("demo", "--latency", "0.05")
+    assert code == 0, out
+    assert out.count("HIT") >= 4 and "NO (expected" not in out
+    assert "model calls" in out
+
+
+async def test_serve_on_a_fresh_data_dir_caches_with_no_extra_step(
+    upstream: tuple[FakeUpstream, TestServer], unused_tcp_port: int, tmp_path: Path
+) -> None:
+    fake, server = upstream
+    process = await asyncio.create_subprocess_exec(
+        *VLCACHE,
+        "serve",
+        "--port",
+        str(unused_tcp_port),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={
+            **os.environ,
+            "VLCACHE_UPSTREAM": str(server.make_url("/")),
+            "VLCACHE_DATA_DIR": str(tmp_path / "fresh"),
+        },
+    )
+    base = f"http://127.0.0.1:{unused_tcp_port}"
+    request = openai_chat("Which model?", data_uri(jpeg_bytes(40)))
+    try:
+        async with aiohttp.ClientSession() as client:
+            for _ in range(100):
+                try:
+                    async with client.get(base + "/v1/models") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectorError:
+                    await asyncio.sleep(0.1)
+            else:
+                pytest.fail("vlcache serve did not start")
+            outcomes = []
+            for _ in range(2):
+                async with client.post(base + "/v1/chat/completions", json=request) as r:
+                    outcomes.append(r.headers["X-Cache"])
+        assert outcomes == ["MISS", "HIT"]
+        assert len(fake.chat_calls) == 1
+    finally:
+        process.terminate()
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    assert "cache=hit match=exact" in err.decode()
