@@ -133,9 +133,8 @@ def _report(rows: list[tuple[Step, str, str, float]], upstream_calls: int, laten
         ok = outcome == step.expect
         failures += not ok
         mark = "yes" if ok else f"NO (expected {step.expect})"
-        print(
-            f"{number:>2}  {step.caller:<7} {step.what:<24} {outcome:<8} {match:<6} {ms:>8.1f}  {mark}"
-        )
+        cells = f"{step.caller:<7} {step.what:<24} {outcome:<8} {match:<6} {ms:>8.1f}"
+        print(f"{number:>2}  {cells}  {mark}")
     hits = [ms for _, outcome, _, ms in rows if outcome == "HIT"]
     misses = [ms for _, outcome, _, ms in rows if outcome == "MISS"]
     saved = sum(misses) / max(len(misses), 1) * len(hits) - sum(hits)
