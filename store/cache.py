@@ -17,16 +17,19 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import insert, select, update
+import numpy as np
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .database import create_engine, upgrade_schema
 from .errors import StoreUnavailable
+from .index import Candidate
 from .ledger import Ledger
 from .memory import MemoryAnswers
 from .models import Entry, EntryImage
 from .records import NewEntry, StoredAnswer
+from .vectors import IndexConfig, VectorKeeper
 
 log = logging.getLogger(__name__)
 
@@ -47,38 +50,76 @@ def new_entry_id() -> int:
 class CacheStore:
     """Async facade over one database: exact lookups, new entries, hit and ledger counters."""
 
-    def __init__(self, engine: AsyncEngine, *, memory_bytes: int, flush_interval: float) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        memory_bytes: int,
+        flush_interval: float,
+        vectors: VectorKeeper | None = None,
+        snapshot_interval: float = 300.0,
+    ) -> None:
         self._engine = engine
+        self._vectors = vectors
+        self._snapshot_interval = snapshot_interval
+        self._last_snapshot = time.monotonic()
         self._memory = MemoryAnswers(memory_bytes)
         self._ledger = Ledger()
         self._flush_interval = flush_interval
         self._pending: asyncio.Queue[NewEntry] = asyncio.Queue(_MAX_PENDING_WRITES)
         self._writer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._closing = False
+        self._flushing = asyncio.Lock()
 
     @classmethod
     async def open(
-        cls, url: str, *, memory_bytes: int = 64 << 20, flush_interval: float = 1.0
+        cls,
+        url: str,
+        *,
+        memory_bytes: int = 64 << 20,
+        flush_interval: float = 1.0,
+        index: IndexConfig | None = None,
     ) -> CacheStore:
-        """Connect to ``url``, migrate the schema to head and start the writer."""
+        """Connect to ``url``, migrate the schema, load the vector index, start the writer."""
         await upgrade_schema(url)
         # Building an engine touches the file system (SQLite paths): keep it off the loop.
         engine = await asyncio.to_thread(create_engine, url)
-        store = cls(engine, memory_bytes=memory_bytes, flush_interval=flush_interval)
+        vectors = None
+        if index is not None:
+            vectors = VectorKeeper(engine, index)
+            try:
+                await vectors.open()
+            except BaseException:
+                await vectors.close()
+                await engine.dispose()
+                raise
+        store = cls(
+            engine, memory_bytes=memory_bytes, flush_interval=flush_interval, vectors=vectors
+        )
         store._writer = asyncio.create_task(store._write_forever(), name="vlcache-store-writer")
         return store
 
+    @property
+    def vectors(self) -> VectorKeeper | None:
+        """The vector index keeper, when a semantic tier is configured."""
+        return self._vectors
+
     async def close(self) -> None:
         """Write everything pending, stop the writer and release connections."""
+        # The writer is asked to stop, never cancelled: a write cut off mid-transaction would
+        # lose the entries it had taken from the queue.
+        self._closing = True
+        self._wake.set()
         if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+            await self._writer
             self._writer = None
         try:
             await self.flush()
         except StoreUnavailable:
             log.exception("pending writes lost at close")
+        if self._vectors is not None:
+            await self._vectors.close()
         await self._engine.dispose()
 
     async def find_exact(self, exact_key: str) -> StoredAnswer | None:
@@ -90,20 +131,8 @@ class CacheStore:
                 return answer
             self._memory.discard(exact_key)
         query = (
-            select(
-                Entry.id,
-                Entry.status,
-                Entry.content_type,
-                Entry.body,
-                Entry.model,
-                Entry.prompt_tokens,
-                Entry.completion_tokens,
-                Entry.upstream_ms,
-                Entry.created_at,
-                Entry.expires_at,
-            )
-            .where(Entry.exact_key == exact_key, Entry.deleted.is_(False))
-            .where((Entry.expires_at.is_(None)) | (Entry.expires_at > now))
+            _answer_query()
+            .where(Entry.exact_key == exact_key)
             .order_by(Entry.created_at.desc())
             .limit(1)
         )
@@ -114,6 +143,35 @@ class CacheStore:
         self._memory.put(exact_key, answer)
         return answer
 
+    async def answer_by_id(self, entry_id: int) -> StoredAnswer | None:
+        """The live answer of entry ``entry_id``, or None (deleted, expired or unknown)."""
+        row = await self._run(
+            lambda conn: _first(conn, _answer_query().where(Entry.id == entry_id))
+        )
+        return None if row is None else StoredAnswer(*row)
+
+    def has_similar_group(self, namespace: str, fingerprint: str, images: int) -> bool:
+        """True when the semantic tier holds entries for this question and image count."""
+        return self._vectors is not None and self._vectors.has_group(namespace, fingerprint, images)
+
+    async def find_similar(
+        self, namespace: str, fingerprint: str, vectors: np.ndarray, threshold: float
+    ) -> list[Candidate]:
+        """Entries of this question whose every image reaches ``threshold``, best first."""
+        if self._vectors is None:
+            return []
+        return await self._vectors.search(namespace, fingerprint, vectors, threshold)
+
+    async def thumbnails(self, entry_id: int) -> list[bytes | None]:
+        """The verifier thumbnails of an entry's images, by position."""
+        query = (
+            select(EntryImage.thumbnail)
+            .where(EntryImage.entry_id == entry_id)
+            .order_by(EntryImage.position)
+        )
+        rows = await self._run(lambda conn: _all(conn, query))
+        return [row.thumbnail for row in rows]
+
     def add(self, entry: NewEntry) -> StoredAnswer | None:
         """Make ``entry`` servable now and queue its rows; None if the write queue is full."""
         try:
@@ -123,8 +181,8 @@ class CacheStore:
             return None
         answer = entry.answer()
         self._memory.put(entry.exact_key, answer)
-        if self._pending.qsize() >= _WRITE_BATCH:
-            self._wake.set()
+        # Semantic visibility needs the commit (candidates are read back from SQL): write soon.
+        self._wake.set()
         return answer
 
     def record(
@@ -151,6 +209,11 @@ class CacheStore:
 
     async def flush(self) -> None:
         """Commit queued entries and buffered counters now."""
+        # One flush at a time: counters of an entry must never reach SQL before its row.
+        async with self._flushing:
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
         batch: list[NewEntry] = []
         while not self._pending.empty():
             batch.append(self._pending.get_nowait())
@@ -165,26 +228,38 @@ class CacheStore:
             raise
 
     async def _write_forever(self) -> None:
-        while True:
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._flush_interval)
             self._wake.clear()
             try:
                 await self.flush()
+                await self._snapshot_if_due()
             except StoreUnavailable as exc:
                 log.error("store write failed, will retry: %s", exc)
+
+    async def _snapshot_if_due(self) -> None:
+        if self._vectors is None:
+            return
+        if time.monotonic() - self._last_snapshot < self._snapshot_interval:
+            return
+        self._last_snapshot = time.monotonic()
+        await self._vectors.save()
 
     async def _write_entries(self, batch: list[NewEntry]) -> None:
         for start in range(0, len(batch), _WRITE_BATCH):
             chunk = batch[start : start + _WRITE_BATCH]
             try:
-                await self._run(lambda conn, chunk=chunk: _insert_entries(conn, chunk))  # type: ignore[misc]
+                retired = await self._run(lambda conn, chunk=chunk: _insert_entries(conn, chunk))  # type: ignore[misc]
             except StoreUnavailable:
                 # The answers were only ever promised by the memory tier: withdraw them, so
                 # nothing is served that SQL does not hold once this process restarts.
                 for entry in chunk:
                     self._memory.discard(entry.exact_key)
                 raise
+            if self._vectors is not None:
+                await self._vectors.add(chunk)
+                await self._vectors.remove(retired)
 
     async def _run(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         try:
@@ -194,22 +269,53 @@ class CacheStore:
             raise StoreUnavailable(str(exc)) from exc
 
 
+def _answer_query() -> Any:
+    """Live (not deleted, not expired) answers; callers add the key condition."""
+    return (
+        select(
+            Entry.id,
+            Entry.status,
+            Entry.content_type,
+            Entry.body,
+            Entry.model,
+            Entry.prompt_tokens,
+            Entry.completion_tokens,
+            Entry.upstream_ms,
+            Entry.created_at,
+            Entry.expires_at,
+        )
+        .where(Entry.deleted.is_(False))
+        .where(
+            Entry.expires_at.is_(None) | (Entry.expires_at > bindparam("now", callable_=time.time))
+        )
+    )
+
+
 async def _first(conn: AsyncConnection, query: Any) -> Any:
     return (await conn.execute(query)).first()
 
 
-async def _insert_entries(conn: AsyncConnection, batch: list[NewEntry]) -> None:
+async def _all(conn: AsyncConnection, query: Any) -> list[Any]:
+    return list((await conn.execute(query)).all())
+
+
+async def _insert_entries(conn: AsyncConnection, batch: list[NewEntry]) -> list[int]:
+    """Insert ``batch``; returns the ids of older entries it retired."""
     if not batch:
-        return
+        return []
     await conn.execute(insert(Entry), [e.entry_row() for e in batch])
     images = [row for e in batch for row in e.image_rows()]
     if images:
         await conn.execute(insert(EntryImage), images)
+    retired: list[int] = []
     for entry in batch:
         # A refreshed answer (Cache-Control: no-cache) retires the ones it replaces.
-        await conn.execute(
+        result = await conn.execute(
             update(Entry)
             .where(Entry.exact_key == entry.exact_key, Entry.id != entry.entry_id)
             .where(Entry.deleted.is_(False), Entry.created_at <= entry.created_at)
-            .values(deleted=True)
+            .values(deleted=True, deleted_at=time.time())
+            .returning(Entry.id)
         )
+        retired.extend(row.id for row in result)
+    return retired

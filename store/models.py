@@ -62,11 +62,13 @@ class Entry(Base):
     hit_count: Mapped[int] = mapped_column(BigInteger, default=0)
     last_hit_at: Mapped[float | None] = mapped_column(Double)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    deleted_at: Mapped[float | None] = mapped_column(Double)
 
     __table_args__ = (
         Index("ix_entries_exact_key", "exact_key"),
         Index("ix_entries_namespace_fingerprint", "namespace", "fingerprint"),
         Index("ix_entries_created_at", "created_at"),
+        Index("ix_entries_deleted_at", "deleted_at"),
     )
 
 

@@ -24,11 +24,18 @@ class StoredAnswer:
 
 @dataclass(frozen=True, slots=True)
 class NewImage:
-    """One image of a new entry: its position, byte hash and size."""
+    """One image of a new entry: position, byte hash, size and, when embedded, its vector.
+
+    ``embedding`` is the float32 vector's bytes, made by the embedder named ``embedder``;
+    ``thumbnail`` is what the verifier compares a near-duplicate against.
+    """
 
     position: int
     sha256: str
     byte_size: int
+    embedder: str | None = None
+    embedding: bytes | None = None
+    thumbnail: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +88,8 @@ class NewEntry:
             "status": self.status,
             "content_type": self.content_type,
             "body": self.body,
-            "size_bytes": len(self.body) + sum(i.byte_size for i in self.images),
+            "size_bytes": len(self.body)
+            + sum(len(i.embedding or b"") + len(i.thumbnail or b"") for i in self.images),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "cost": None,
@@ -91,6 +99,7 @@ class NewEntry:
             "hit_count": 0,
             "last_hit_at": None,
             "deleted": False,
+            "deleted_at": None,
         }
 
     def image_rows(self) -> list[dict[str, Any]]:
@@ -101,9 +110,9 @@ class NewEntry:
                 "position": image.position,
                 "sha256": image.sha256,
                 "byte_size": image.byte_size,
-                "embedder": None,
-                "embedding": None,
-                "thumbnail": None,
+                "embedder": image.embedder,
+                "embedding": image.embedding,
+                "thumbnail": image.thumbnail,
             }
             for image in self.images
         ]

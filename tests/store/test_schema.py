@@ -6,9 +6,10 @@ import asyncio
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
-from store.database import create_engine, upgrade_schema
+from store.database import alembic_config, create_engine, upgrade_schema
 from store.models import Base
 
 
@@ -29,4 +30,4 @@ async def test_upgrade_head_matches_models(db_url: str) -> None:
         await engine.dispose()
     assert {"entries", "entry_images", "savings_ledger", "alembic_version"} <= tables
     assert drift == []
-    assert revision == "0001"
+    assert revision == ScriptDirectory.from_config(alembic_config()).get_current_head()

@@ -1,0 +1,98 @@
+"""The semantic index kept in step with SQL: live adds, snapshot, catch-up, rebuild."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from store.cache import CacheStore, new_entry_id
+from store.records import NewEntry, NewImage
+from store.vectors import IndexConfig
+
+DIM = 32
+EMBEDDER = "test/random-32"
+
+
+def vector(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def entry(seed: int, *, fingerprint: str = "q1", key: str | None = None) -> NewEntry:
+    image = NewImage(0, f"{seed:064d}", 100, EMBEDDER, vector(seed).tobytes(), b"thumb%d" % seed)
+    return NewEntry(
+        entry_id=new_entry_id(),
+        namespace="key:tenant",
+        fingerprint=fingerprint,
+        exact_key=key or f"exact-{seed}",
+        model="m",
+        request_format="openai",
+        question="what is it?",
+        images=(image,),
+        status=200,
+        content_type="application/json",
+        body=b'{"seed": %d}' % seed,
+        prompt_tokens=10,
+        completion_tokens=5,
+        upstream_ms=800.0,
+        created_at=time.time(),
+    )
+
+
+def config(tmp_path: Path) -> IndexConfig:
+    return IndexConfig(EMBEDDER, DIM, tmp_path / "snap" / "index.npz", approx_rows=1000)
+
+
+async def test_committed_entries_become_searchable_with_thumbnails(
+    db_url: str, tmp_path: Path
+) -> None:
+    store = await CacheStore.open(db_url, flush_interval=60, index=config(tmp_path))
+    try:
+        first = entry(1)
+        store.add(first)
+        store.add(entry(2))
+        await store.flush()
+        assert store.has_similar_group("key:tenant", "q1", 1)
+        assert not store.has_similar_group("key:tenant", "q1", 2)
+        assert not store.has_similar_group("key:other", "q1", 1)
+        (hit,) = await store.find_similar("key:tenant", "q1", vector(1)[None, :], 0.99)
+        assert hit.entry_id == first.entry_id
+        assert await store.thumbnails(first.entry_id) == [b"thumb1"]
+        answer = await store.answer_by_id(first.entry_id)
+        assert answer is not None and answer.body == b'{"seed": 1}'
+    finally:
+        await store.close()
+
+
+async def test_restart_loads_snapshot_and_catches_up_with_other_writers(
+    db_url: str, tmp_path: Path
+) -> None:
+    store = await CacheStore.open(db_url, flush_interval=60, index=config(tmp_path))
+    kept = entry(10)
+    store.add(kept)
+    await store.close()  # writes the snapshot
+    assert config(tmp_path).snapshot.exists()
+
+    # Another process (a warm-up, a replica) adds and refreshes entries behind our back.
+    other = await CacheStore.open(db_url, flush_interval=60)
+    late = entry(11, fingerprint="q2")
+    other.add(late)
+    refreshed = entry(12, key="exact-10")  # same exact key as `kept`: retires it
+    other.add(refreshed)
+    await other.close()
+
+    store = await CacheStore.open(db_url, flush_interval=60, index=config(tmp_path))
+    try:
+        assert (await store.find_similar("key:tenant", "q2", vector(11)[None, :], 0.99))[
+            0
+        ].entry_id == late.entry_id
+        assert await store.find_similar("key:tenant", "q1", vector(10)[None, :], 0.99) == []
+        keeper = store.vectors
+        assert keeper is not None and keeper.size == 2
+        assert await keeper.count_in_sql() == 2
+        assert await keeper.rebuild() == 2
+        assert keeper.size == 2
+    finally:
+        await store.close()
