@@ -1,0 +1,227 @@
+"""The image-embedder interface, its torch implementation, and the factory that builds one.
+
+An embedder turns decoded RGB pictures into unit-length float32 vectors, so that the inner product
+of two vectors is their cosine similarity (what the FAISS index searches on). Its `id` names the
+model *and* its weights: vectors from two ids live in different indexes and are never compared.
+
+Everything here is synchronous and CPU-bound; the proxy calls `embed` from its own executor.
+Loading happens only when `load_embedder` is called, never at import.
+
+Precision: bf16 roughly halves the cost of a forward pass on CPUs that have native bf16 kernels
+(AVX512-BF16 / AMX; measured 90 -> 38 ms for ViT-B-32 on a Zen4 core pair), but on a CPU without
+them PyTorch emulates it and the same pass becomes 5-10x *slower* than fp32 (measured on an AVX2
+machine: ViT-B-32 94 -> 555 ms). Hence the default "auto": bf16 where it is native, else fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Final, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from PIL import Image
+from torch import nn
+
+from embeddings.errors import EmbeddingError
+
+__all__ = [
+    "EMBEDDER_NAMES",
+    "PRECISIONS",
+    "Embedder",
+    "TorchImageEmbedder",
+    "cpu_has_native_bf16",
+    "load_embedder",
+    "resolve_dtype",
+]
+
+logger = logging.getLogger(__name__)
+
+EMBEDDER_NAMES: Final = ("clip", "efficientnet-lite0")
+PRECISIONS: Final = ("auto", "fp32", "bf16")
+
+Preprocess = Callable[[Image.Image], torch.Tensor]
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """What the rest of vlcache needs from an image embedder."""
+
+    @property
+    def id(self) -> str:
+        """Identity of model + weights, e.g. "open_clip/ViT-B-32/laion2b_s34b_b79k"."""
+        ...
+
+    @property
+    def dim(self) -> int:
+        """Length of each embedding vector."""
+        ...
+
+    @property
+    def default_threshold(self) -> float:
+        """Cosine similarity at or above which two images count as the same, for this model."""
+        ...
+
+    def embed(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
+        """Embed a batch of RGB images: float32 array of shape (len(images), dim), rows unit-norm.
+
+        Raises:
+            EmbeddingError: the model failed on this batch.
+        """
+        ...
+
+
+class TorchImageEmbedder:
+    """An `Embedder` backed by a torch image model and its per-image preprocessing.
+
+    The whole batch goes through the model in one forward pass under `torch.inference_mode`; the
+    output is cast back to float32 before normalising, so bf16 models still return float32 rows.
+    """
+
+    def __init__(
+        self,
+        *,
+        id: str,
+        dim: int,
+        default_threshold: float,
+        model: nn.Module,
+        preprocess: Preprocess,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Wrap `model` (moved to `dtype`, frozen, put in eval mode) and its `preprocess`."""
+        self._id = id
+        self._dim = dim
+        self._default_threshold = default_threshold
+        self._dtype = dtype
+        self._preprocess = preprocess
+        self._model = model.to(dtype).eval().requires_grad_(False)
+
+    @property
+    def id(self) -> str:
+        """Identity of model + weights; never mix vectors of two ids."""
+        return self._id
+
+    @property
+    def dim(self) -> int:
+        """Length of each embedding vector."""
+        return self._dim
+
+    @property
+    def default_threshold(self) -> float:
+        """Cosine similarity at or above which two images count as the same."""
+        return self._default_threshold
+
+    @property
+    def precision(self) -> str:
+        """The precision the model actually runs in: "fp32" or "bf16"."""
+        return "bf16" if self._dtype == torch.bfloat16 else "fp32"
+
+    def embed(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
+        """Embed a batch of images in one forward pass; rows are L2-normalised float32."""
+        if not images:
+            return np.empty((0, self._dim), dtype=np.float32)
+        # Denormal floats make x86 arithmetic 10-100x slower, and some pictures drive these models
+        # into them: EfficientNet-Lite0 measured 23 ms one call and 560 ms the next on the same
+        # photo. Flushing them to zero changes no embedding measurably. The flag is per thread
+        # (MXCSR) and inherited by the OpenMP workers this thread starts, so set it before any op.
+        torch.set_flush_denormal(True)
+        batch = torch.stack([self._preprocess(_as_rgb(image)) for image in images])
+        try:
+            with torch.inference_mode():
+                features = self._model(batch.to(self._dtype)).float()
+                if features.shape != (len(images), self._dim):
+                    raise EmbeddingError(
+                        f"{self._id} returned shape {tuple(features.shape)}, "
+                        f"expected ({len(images)}, {self._dim})"
+                    )
+                if not bool(torch.isfinite(features).all()):
+                    # A NaN would poison every inner product it meets in the index.
+                    raise EmbeddingError(f"{self._id} produced non-finite features")
+                vectors = nn.functional.normalize(features, dim=1)
+        except RuntimeError as exc:
+            raise EmbeddingError(f"{self._id} failed on a batch of {len(images)}: {exc}") from exc
+        result: npt.NDArray[np.float32] = np.ascontiguousarray(vectors.numpy(), dtype=np.float32)
+        return result
+
+    def __repr__(self) -> str:
+        return f"<TorchImageEmbedder {self._id} dim={self._dim} {self.precision}>"
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    """Accept any PIL mode; `decode_image` already returns RGB, so this is normally free."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN has fast bf16 kernels on this CPU (AVX512 / AMX), as opposed to emulation."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        # A private PyTorch op: if it moves, err on the side of the precision that is never slow.
+        return False
+
+
+def resolve_dtype(precision: str) -> torch.dtype:
+    """Map a precision setting ("auto", "fp32", "bf16") to the torch dtype to run in."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    native = cpu_has_native_bf16()
+    if precision == "fp32" or (precision == "auto" and not native):
+        return torch.float32
+    if not native:
+        logger.warning(
+            "precision=bf16 on a CPU without native bf16 kernels: PyTorch emulates it and "
+            "embedding runs several times slower than fp32; use precision=auto or fp32"
+        )
+    return torch.bfloat16
+
+
+def load_embedder(
+    name: str,
+    *,
+    clip_model: str = "ViT-B-32",
+    clip_pretrained: str | None = None,
+    threads: int | None = None,
+    precision: str = "auto",
+) -> Embedder:
+    """Build the embedder called `name` ("clip" or "efficientnet-lite0"), ready to `embed`.
+
+    Args:
+        name: which embedder.
+        clip_model: open_clip architecture name (CLIP only).
+        clip_pretrained: an open_clip pretrained tag, or the path of a local checkpoint file;
+            None means the default tag "laion2b_s34b_b79k", which open_clip fetches and caches.
+        threads: torch intra-op threads. This is process-wide (`torch.set_num_threads`).
+        precision: "auto" (bf16 where the CPU has native bf16, else fp32), "fp32" or "bf16".
+
+    Raises:
+        ModelLoadError: the model or its weights could not be loaded.
+        ValueError: unknown `name` or `precision`, or `threads` < 1.
+    """
+    if name not in EMBEDDER_NAMES:
+        raise ValueError(f"embedder must be one of {EMBEDDER_NAMES}, not {name!r}")
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, not {threads}")
+        torch.set_num_threads(threads)
+    dtype = resolve_dtype(precision)
+    # Imported here, not at the top: open_clip takes seconds to import and the efficientnet
+    # embedder does not need it; the two modules also import this one.
+    if name == "clip":
+        from embeddings.clip import load_clip
+
+        embedder = load_clip(model_name=clip_model, pretrained=clip_pretrained, dtype=dtype)
+    else:
+        from embeddings.efficientnet import load_efficientnet_lite0
+
+        embedder = load_efficientnet_lite0(dtype=dtype)
+    logger.info(
+        "embedder %s loaded: dim=%d precision=%s threads=%d",
+        embedder.id,
+        embedder.dim,
+        embedder.precision,
+        torch.get_num_threads(),
+    )
+    return embedder
