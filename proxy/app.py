@@ -1,32 +1,49 @@
 """``create_app``: the proxy's aiohttp application, built from settings.
 
-No module-level app, session or store: every resource is made in ``cleanup_ctx`` when the app
-starts, reached through typed ``AppKey``s, and released when it stops.
+No module-level app, session, model or store: every resource is made in ``cleanup_ctx`` when the
+app starts, reached through typed ``AppKey``s, and released when it stops (in-flight background
+writes are drained first).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import re
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 
+import numpy as np
 from aiohttp import web
+from PIL import Image
 
+from embeddings.embedder import Embedder, load_embedder
 from store.cache import CacheStore
+from store.vectors import IndexConfig
 
+from .batcher import MicroBatcher
+from .calls import Keyer
 from .fetch import ImageFetcher, create_fetch_session
+from .semantic import SemanticTier, embed_batch
 from .service import CacheService
 from .settings import Settings
 from .upstream import Upstream, create_upstream_session
+
+log = logging.getLogger(__name__)
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", CacheStore)
 SERVICE = web.AppKey("service", CacheService)
 
 
-def create_app(settings: Settings) -> web.Application:
-    """The proxy application for ``settings`` (resources open when it starts)."""
+def create_app(settings: Settings, *, embedder: Embedder | None = None) -> web.Application:
+    """The proxy application for ``settings``; ``embedder`` replaces loading one (tests, demo)."""
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
-    app.cleanup_ctx.append(_resources(settings))
+    app.cleanup_ctx.append(_resources(settings, embedder))
     app.router.add_route("*", "/{tail:.*}", handle_any)
     return app
 
@@ -36,34 +53,107 @@ async def handle_any(request: web.Request) -> web.StreamResponse:
     return await request.app[SERVICE].respond(request)
 
 
+async def settle(app: web.Application) -> None:
+    """Wait until every answer given so far is stored and indexed (demo, tests, benchmarks)."""
+    await app[SERVICE].drain()
+    await app[STORE].flush()
+
+
+async def open_embedder(settings: Settings) -> Embedder | None:
+    """Load the configured embedder in a worker thread (None when the tier is off)."""
+    if settings.embedder == "none":
+        return None
+    return await asyncio.to_thread(
+        load_embedder,
+        settings.embedder,
+        clip_model=settings.clip_model,
+        clip_pretrained=settings.clip_pretrained,
+        threads=settings.embed_threads,
+        precision=settings.embed_precision,
+    )
+
+
+def index_config(settings: Settings, embedder: Embedder) -> IndexConfig:
+    """Where the index of ``embedder`` keeps its snapshot."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", embedder.id)
+    return IndexConfig(
+        embedder=embedder.id,
+        dim=embedder.dim,
+        snapshot=settings.data_dir / "index" / f"{name}.npz",
+        approx_rows=settings.index_approx_rows,
+    )
+
+
 def _resources(
-    settings: Settings,
+    settings: Settings, given: Embedder | None
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        store = await CacheStore.open(
-            settings.database_url,
-            memory_bytes=settings.memory_cache_bytes,
-            flush_interval=settings.flush_interval,
-        )
-        upstream_session = create_upstream_session(
-            connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout
-        )
-        fetch_session = create_fetch_session(allow_private=settings.allow_private_image_urls)
-        fetcher = ImageFetcher(
-            fetch_session,
-            max_bytes=settings.max_image_bytes,
-            timeout=settings.image_fetch_timeout,
-            allow_private=settings.allow_private_image_urls,
-        )
-        app[STORE] = store
-        app[SERVICE] = CacheService(
-            settings, store, Upstream(upstream_session, settings.upstream), fetcher
-        )
-        try:
+        async with AsyncExitStack() as stack:
+            embedder = given if given is not None else await open_embedder(settings)
+            store = await CacheStore.open(
+                settings.database_url,
+                memory_bytes=settings.memory_cache_bytes,
+                flush_interval=settings.flush_interval,
+                snapshot_interval=settings.snapshot_interval,
+                index=index_config(settings, embedder) if embedder is not None else None,
+            )
+            stack.push_async_callback(store.close)
+            upstream_session = create_upstream_session(
+                connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout
+            )
+            stack.push_async_callback(upstream_session.close)
+            fetch_session = create_fetch_session(allow_private=settings.allow_private_image_urls)
+            stack.push_async_callback(fetch_session.close)
+            fetcher = ImageFetcher(
+                fetch_session,
+                max_bytes=settings.max_image_bytes,
+                timeout=settings.image_fetch_timeout,
+                allow_private=settings.allow_private_image_urls,
+            )
+            semantic = None
+            if embedder is not None:
+                semantic = await stack.enter_async_context(semantic_tier(settings, embedder))
+            service = CacheService(
+                settings,
+                store,
+                Upstream(upstream_session, settings.upstream),
+                Keyer(settings, fetcher),
+                semantic,
+            )
+            stack.push_async_callback(service.drain)
+            app[STORE] = store
+            app[SERVICE] = service
             yield
-        finally:
-            await upstream_session.close()
-            await fetch_session.close()
-            await store.close()
 
     return resources
+
+
+@asynccontextmanager
+async def semantic_tier(settings: Settings, embedder: Embedder) -> AsyncIterator[SemanticTier]:
+    """The embedder's own thread, its micro-batcher and a CPU pool, started and stopped together."""
+    embed_thread = ThreadPoolExecutor(1, thread_name_prefix="vlcache-embed")
+    cpu_pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="vlcache-cpu")
+    batcher: MicroBatcher[Image.Image, np.ndarray] = MicroBatcher(
+        partial(embed_batch, embedder),
+        embed_thread,
+        max_batch=settings.embed_batch,
+        max_wait=settings.embed_wait,
+        max_queue=settings.embed_queue,
+    )
+    batcher.start()
+    threshold = settings.threshold or embedder.default_threshold
+    log.info("semantic tier: %s, threshold %.4f", embedder.id, threshold)
+    try:
+        yield SemanticTier(
+            embedder,
+            batcher,
+            cpu_pool,
+            threshold=threshold,
+            max_pixels=settings.max_image_pixels,
+            budget=settings.embed_timeout,
+        )
+    finally:
+        await batcher.close()
+        # Every job was awaited or abandoned by now: nothing to wait for on the loop.
+        embed_thread.shutdown(wait=False)
+        cpu_pool.shutdown(wait=False)

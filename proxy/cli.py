@@ -20,6 +20,14 @@ from .settings import Settings, describe_settings
 log = logging.getLogger(__name__)
 
 _STORE_SETTINGS = ("data_dir", "db", "log_level")
+_EMBEDDER_SETTINGS = (
+    "embedder",
+    "clip_model",
+    "clip_pretrained",
+    "embed_precision",
+    "embed_threads",
+    "index_approx_rows",
+)
 
 
 def _add_settings(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
@@ -78,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate", help="bring the database schema to the newest revision"
     )
     _add_settings(migrate, _STORE_SETTINGS)
+    index = commands.add_parser("index", help="maintain the vector index of the semantic tier")
+    index_commands = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    rebuild = index_commands.add_parser(
+        "rebuild", help="rebuild the embedder's index from the database (SQL is the truth)"
+    )
+    _add_settings(rebuild, _STORE_SETTINGS + _EMBEDDER_SETTINGS)
     demo = commands.add_parser(
         "demo", help="run a scripted workload against a built-in stand-in model and print a table"
     )
@@ -105,3 +119,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from .server import migrate
 
         asyncio.run(migrate(settings))
+    elif args.command == "index":
+        from .server import rebuild_index
+
+        asyncio.run(rebuild_index(settings))

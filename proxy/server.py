@@ -1,14 +1,19 @@
-"""Running the proxy as a process: ``serve`` and ``migrate``."""
+"""Running vlcache as a process: ``serve``, ``migrate`` and ``index rebuild``."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiohttp import web
+from tqdm import tqdm
 
-from store.database import upgrade_schema
+from embeddings.errors import ModelLoadError
+from store.database import create_engine, upgrade_schema
+from store.errors import StoreError
+from store.vectors import VectorKeeper
 
-from .app import create_app
+from .app import create_app, index_config, open_embedder
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -24,14 +29,37 @@ def serve(settings: Settings) -> None:
         settings.database_url.split("@")[-1],
     )
     # One INFO line per chat request comes from the cache service; the access log would double it.
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        access_log=None,
-        print=None,
-        shutdown_timeout=30,
-    )
+    try:
+        web.run_app(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            access_log=None,
+            print=None,
+            shutdown_timeout=30,
+        )
+    except (ModelLoadError, StoreError) as exc:
+        # Start-up failures a person can fix: say what and how, without a traceback.
+        raise SystemExit(f"vlcache: cannot start: {exc}") from None
+
+
+async def rebuild_index(settings: Settings) -> int:
+    """Rebuild the configured embedder's vector index from SQL, with a progress bar."""
+    embedder = await open_embedder(settings)
+    if embedder is None:
+        raise SystemExit("vlcache: --embedder none has no index to rebuild")
+    await upgrade_schema(settings.database_url)
+    engine = await asyncio.to_thread(create_engine, settings.database_url)
+    keeper = VectorKeeper(engine, index_config(settings, embedder))
+    try:
+        total = await keeper.count_in_sql()
+        with tqdm(total=total, unit="entry", desc=f"index {embedder.id}") as bar:
+            added = await keeper.rebuild(progress=bar.update)
+    finally:
+        await keeper.close()
+        await engine.dispose()
+    print(f"indexed {added} entries of {embedder.id}; snapshot written")
+    return added
 
 
 async def migrate(settings: Settings) -> None:

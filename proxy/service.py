@@ -1,66 +1,64 @@
 """``CacheService``: one request's way through the cache, wired once from settings.
 
-    read body -> parse chat -> key (namespace, fingerprint, image hashes) -> lookup
+    read body -> key (namespace, fingerprint, image hashes) -> exact lookup
+      -> semantic lookup (only when the question already has entries with as many images)
       hit  -> stored answer, no model run
       miss -> upstream with the original bytes -> answer to client -> store if complete
 
 Everything that is not a chat request, and every chat the cache cannot key, goes to the upstream
-untouched (``X-Cache: BYPASS``). The cache fails open: an error of the store or of the keying
-step is logged (once per burst), counted, and the request is answered by the upstream.
+untouched (``X-Cache: BYPASS``). For a question seen for the first time, embedding runs beside
+the upstream call and the entry is stored when both are done, so novel questions wait for
+nothing. The cache fails open: an error of the store, the embedder or the keying step is logged
+(once per burst), counted, and the request is answered by the upstream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from embeddings.keys import exact_key, image_digest, namespace_for, question_fingerprint
 from store.cache import CacheStore, new_entry_id
 from store.errors import StoreError
 from store.records import NewEntry, NewImage, StoredAnswer
 
+from .batcher import BatcherSaturated
+from .calls import CachedCall, Keyer, cache_directives
 from .errors import BodyTooLarge, ProxyError, Uncacheable
 from .failures import FailureLog
-from .fetch import ImageFetcher
-from .protocol import ChatRequest, parse_chat, read_answer
+from .protocol import read_answer
+from .semantic import EmbeddedImages, SemanticHit, SemanticTier
 from .settings import Settings
+from .sse import StreamAssembler, replay_frames
 from .upstream import Upstream, forwardable, relayable
 
 log = logging.getLogger(__name__)
-
-# Bodies above this are parsed and hashed in a worker thread, off the event loop.
-_INLINE_PARSE_BYTES = 32 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class CachedCall:
-    """A chat request with its cache keys."""
-
-    chat: ChatRequest
-    namespace: str
-    fingerprint: str
-    exact_key: str
-    images: tuple[NewImage, ...]
-    lookup: bool
-    store: bool
 
 
 class CacheService:
     """The cache in front of one upstream: keys requests, serves hits, stores answers."""
 
     def __init__(
-        self, settings: Settings, store: CacheStore, upstream: Upstream, fetcher: ImageFetcher
+        self,
+        settings: Settings,
+        store: CacheStore,
+        upstream: Upstream,
+        keyer: Keyer,
+        semantic: SemanticTier | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._upstream = upstream
-        self._fetcher = fetcher
+        self._keyer = keyer
+        self._semantic = semantic
         self._failures = FailureLog(log)
+        self._background: set[asyncio.Task[None]] = set()
+        self._inflight: dict[str, asyncio.Future[StoredAnswer | None]] = {}
 
     async def respond(self, request: web.Request) -> web.StreamResponse:
         """Answer one client request (any method, any path)."""
@@ -75,23 +73,63 @@ class CacheService:
             return exc.response()
         started = time.perf_counter()
         try:
-            call = await self._key(request, body)
+            call = await self._keyer.key(request.headers, body)
         except Uncacheable as exc:
             log.info("cache=bypass reason=%r path=%s", str(exc), request.path)
-            self._store.record("bypass", self._namespace(request), "")
+            self._store.record("bypass", self._keyer.namespace(request.headers), "")
             return await self._pass_through(request, body)
         except Exception:
             self._failures.report("keying a chat request failed")
             return await self._pass_through(request, body)
         if call is None:
             return await self._pass_through(request, body)
-        if call.chat.stream:
+        if call.chat.stream and call.chat.format != "openai":
+            # Native (DashScope) streaming is relayed untouched; its frames are not cached yet.
             self._store.record("bypass", call.namespace, call.chat.model)
             return await self._pass_through(request, body)
-        answer = await self._lookup(call)
-        if answer is not None:
-            return self._serve_hit(call, answer, started)
-        return await self._forward_miss(request, body, call)
+        if call.lookup:
+            answer = await self._lookup_exact(call)
+            if answer is not None:
+                return await self._serve_hit(request, call, answer, started, "exact", None)
+        leader = self._inflight.get(call.exact_key)
+        if leader is not None:
+            # An identical request is already with the model: share its answer when it can be
+            # shared; otherwise (error, not cacheable) ask the model ourselves.
+            shared = await asyncio.shield(leader)
+            if shared is not None:
+                return await self._serve_hit(request, call, shared, started, "coalesced", None)
+            response, _ = await self._answer_miss(request, body, call, started)
+            return response
+        future: asyncio.Future[StoredAnswer | None] = asyncio.get_running_loop().create_future()
+        self._inflight[call.exact_key] = future
+        answer = None
+        try:
+            response, answer = await self._answer_miss(request, body, call, started)
+            return response
+        finally:
+            del self._inflight[call.exact_key]
+            future.set_result(answer)
+
+    async def _answer_miss(
+        self, request: web.Request, body: bytes, call: CachedCall, started: float
+    ) -> tuple[web.StreamResponse, StoredAnswer | None]:
+        """Semantic tier, else the upstream; returns the response and the answer it gave."""
+        if not call.lookup or not self._wants_semantic_lookup(call):
+            return await self._forward_miss(request, body, call, self._embed_beside(call))
+        embedded = await self._embed(call)
+        if embedded is not None:
+            hit = await self._lookup_semantic(call, embedded)
+            if hit is not None:
+                response = await self._serve_hit(
+                    request, call, hit.answer, started, "semantic", hit.similarity
+                )
+                return response, hit.answer
+        return await self._forward_miss(request, body, call, embedded)
+
+    async def drain(self) -> None:
+        """Wait for the entries still being stored in the background (at shutdown)."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self._settings.max_body_bytes
@@ -102,59 +140,66 @@ class CacheService:
         except web.HTTPRequestEntityTooLarge as exc:
             raise BodyTooLarge(f"request body is larger than {limit} bytes") from exc
 
-    def _namespace(self, request: web.Request) -> str:
-        settings = self._settings
-        credential = request.headers.get("Authorization") or request.headers.get("api-key")
-        tenant = request.headers.get(settings.tenant_header) if settings.tenant_header else None
-        return namespace_for(credential, shared=settings.shared_namespace, tenant=tenant)
-
-    async def _key(self, request: web.Request, body: bytes) -> CachedCall | None:
-        if len(body) > _INLINE_PARSE_BYTES:
-            chat = await asyncio.get_running_loop().run_in_executor(None, self._parse, body)
-        else:
-            chat = self._parse(body)
-        if chat is None:
-            return None
-        images = []
-        for source in chat.images:
-            data = source.data if source.data is not None else await self._fetch(source.url)
-            images.append(NewImage(source.position, image_digest(data), len(data)))
-        namespace = self._namespace(request)
-        fingerprint = question_fingerprint(chat.format, chat.model, chat.turns, chat.params)
-        directives = cache_directives(request.headers.get("Cache-Control", ""))
-        return CachedCall(
-            chat=chat,
-            namespace=namespace,
-            fingerprint=fingerprint,
-            exact_key=exact_key(namespace, fingerprint, (i.sha256 for i in images)),
-            images=tuple(images),
-            lookup="no-cache" not in directives,
-            store="no-store" not in directives,
-        )
-
-    def _parse(self, body: bytes) -> ChatRequest | None:
-        settings = self._settings
-        return parse_chat(
-            body, max_images=settings.max_images, max_image_bytes=settings.max_image_bytes
-        )
-
-    async def _fetch(self, url: str | None) -> bytes:
-        assert url is not None  # an ImageSource holds either data or a URL
-        return await self._fetcher.fetch(url)
-
-    async def _lookup(self, call: CachedCall) -> StoredAnswer | None:
-        if not call.lookup:
-            return None
+    async def _lookup_exact(self, call: CachedCall) -> StoredAnswer | None:
         try:
             return await self._store.find_exact(call.exact_key)
         except StoreError:
             self._failures.report("cache lookup failed, answering from the upstream")
             return None
 
-    def _serve_hit(self, call: CachedCall, answer: StoredAnswer, started: float) -> web.Response:
+    def _wants_semantic_lookup(self, call: CachedCall) -> bool:
+        return (
+            self._semantic is not None
+            and bool(call.image_data)
+            and self._store.has_similar_group(
+                call.namespace, call.fingerprint, len(call.image_data)
+            )
+        )
+
+    async def _embed(self, call: CachedCall) -> EmbeddedImages | None:
+        if self._semantic is None or not call.image_data:
+            return None
+        try:
+            return await self._semantic.embed(call.image_data)
+        except (TimeoutError, BatcherSaturated) as exc:
+            log.info("cache=semantic-skipped reason=%s", type(exc).__name__)
+            return None
+        except Exception:
+            self._failures.report("embedding failed, answering without the semantic tier")
+            return None
+
+    def _embed_beside(self, call: CachedCall) -> asyncio.Task[EmbeddedImages | None] | None:
+        """Start embedding a novel question's images while the upstream answers."""
+        if self._semantic is None or not call.image_data or not call.store:
+            return None
+        return asyncio.create_task(self._embed(call))
+
+    async def _lookup_semantic(
+        self, call: CachedCall, embedded: EmbeddedImages
+    ) -> SemanticHit | None:
+        assert self._semantic is not None
+        try:
+            return await self._semantic.lookup(
+                self._store, call.namespace, call.fingerprint, embedded
+            )
+        except StoreError:
+            self._failures.report("semantic lookup failed, answering from the upstream")
+        except Exception:
+            self._failures.report("semantic verification failed, answering from the upstream")
+        return None
+
+    async def _serve_hit(
+        self,
+        request: web.Request,
+        call: CachedCall,
+        answer: StoredAnswer,
+        started: float,
+        match: str,
+        similarity: float | None,
+    ) -> web.StreamResponse:
         elapsed_ms = (time.perf_counter() - started) * 1000
         self._store.record(
-            "hit_exact",
+            f"hit_{match}",
             call.namespace,
             call.chat.model,
             prompt_tokens=answer.prompt_tokens,
@@ -162,24 +207,36 @@ class CacheService:
             time_ms=max(answer.upstream_ms - elapsed_ms, 0.0),
             entry_id=answer.entry_id,
         )
+        headers = {
+            "Content-Type": answer.content_type,
+            "X-Cache": "HIT",
+            "X-Cache-Match": match,
+            "X-Cache-Entry": str(answer.entry_id),
+            "Age": str(max(int(time.time() - answer.created_at), 0)),
+        }
+        if similarity is not None:
+            headers["X-Cache-Similarity"] = f"{similarity:.4f}"
         log.info(
-            "cache=hit match=exact entry=%d model=%s ms=%.2f",
+            "cache=hit match=%s%s entry=%d model=%s ms=%.2f",
+            match,
+            "" if similarity is None else f" sim={similarity:.4f}",
             answer.entry_id,
             call.chat.model,
             elapsed_ms,
         )
-        headers = {
-            "Content-Type": answer.content_type,
-            "X-Cache": "HIT",
-            "X-Cache-Match": "exact",
-            "X-Cache-Entry": str(answer.entry_id),
-            "Age": str(max(int(time.time() - answer.created_at), 0)),
-        }
+        if call.chat.stream:
+            return await _replay(request, call, answer, headers)
         return web.Response(status=answer.status, body=answer.body, headers=headers)
 
     async def _forward_miss(
-        self, request: web.Request, body: bytes, call: CachedCall
-    ) -> web.StreamResponse:
+        self,
+        request: web.Request,
+        body: bytes,
+        call: CachedCall,
+        embedding: EmbeddedImages | asyncio.Task[EmbeddedImages | None] | None,
+    ) -> tuple[web.StreamResponse, StoredAnswer | None]:
+        if call.chat.stream:
+            return await self._forward_stream(request, body, call, embedding)
         headers = forwardable(request.headers)
         # The answer must be readable to be stored: ask the upstream for an uncompressed body.
         headers["Accept-Encoding"] = "identity"
@@ -191,32 +248,89 @@ class CacheService:
                 out_headers = relayable(up.headers)
                 status, reason = up.status, up.reason
         except ProxyError as exc:
+            if isinstance(embedding, asyncio.Task):
+                embedding.cancel()
             self._store.record("error", call.namespace, call.chat.model)
             log.warning("cache=miss upstream_error=%s model=%s", exc.code, call.chat.model)
-            return exc.response()
+            return exc.response(), None
         out_headers.popall("Content-Length", None)
         out_headers["X-Cache"] = "MISS"
-        entry_id = self._store_answer(call, status, out_headers, answer_body, upstream_ms)
-        if entry_id is not None:
-            out_headers["X-Cache-Entry"] = str(entry_id)
+        entry = self._cacheable_entry(call, status, out_headers, answer_body, upstream_ms)
+        if entry is None:
+            if isinstance(embedding, asyncio.Task):
+                embedding.cancel()
+        else:
+            out_headers["X-Cache-Entry"] = str(entry.entry_id)
+            self._store_later(entry, embedding)
         log.info(
             "cache=miss status=%d stored=%s model=%s upstream_ms=%.1f",
             status,
-            entry_id is not None,
+            entry is not None,
             call.chat.model,
             upstream_ms,
         )
-        return web.Response(status=status, reason=reason, body=answer_body, headers=out_headers)
+        response = web.Response(status=status, reason=reason, body=answer_body, headers=out_headers)
+        return response, entry.answer() if entry is not None else None
 
-    def _store_answer(
+    async def _forward_stream(
+        self,
+        request: web.Request,
+        body: bytes,
+        call: CachedCall,
+        embedding: EmbeddedImages | asyncio.Task[EmbeddedImages | None] | None,
+    ) -> tuple[web.StreamResponse, StoredAnswer | None]:
+        """Relay a streamed miss chunk by chunk; store the answer it spelled out if complete."""
+        headers = forwardable(request.headers)
+        headers["Accept-Encoding"] = "identity"
+        assembler = StreamAssembler()
+        started = time.perf_counter()
+        try:
+            async with self._upstream.open(request.method, request.rel_url, headers, body) as up:
+                watch = (
+                    up.status == 200
+                    and up.content_type == "text/event-stream"
+                    and "no-store" not in cache_directives(up.headers.get("Cache-Control", ""))
+                )
+                relayed = await self._upstream.relay(
+                    request, up, {"X-Cache": "MISS"}, assembler.feed if watch else None
+                )
+                upstream_ms = (time.perf_counter() - started) * 1000
+        except ProxyError as exc:
+            if isinstance(embedding, asyncio.Task):
+                embedding.cancel()
+            self._store.record("error", call.namespace, call.chat.model)
+            log.warning("cache=miss stream upstream_error=%s model=%s", exc.code, call.chat.model)
+            return exc.response(), None
+        entry = None
+        if watch and relayed.complete and assembler.complete:
+            answer = orjson.dumps(assembler.completion())
+            synthetic: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
+            entry = self._cacheable_entry(call, 200, synthetic, answer, upstream_ms)
+        else:
+            self._store.record("miss", call.namespace, call.chat.model, time_ms=upstream_ms)
+        if entry is None:
+            if isinstance(embedding, asyncio.Task):
+                embedding.cancel()
+        else:
+            self._store_later(entry, embedding)
+        log.info(
+            "cache=miss stream=true complete=%s stored=%s model=%s upstream_ms=%.1f",
+            relayed.complete and assembler.complete,
+            entry is not None,
+            call.chat.model,
+            upstream_ms,
+        )
+        return relayed.response, entry.answer() if entry is not None else None
+
+    def _cacheable_entry(
         self,
         call: CachedCall,
         status: int,
         headers: CIMultiDict[str],
         body: bytes,
         upstream_ms: float,
-    ) -> int | None:
-        """Store a complete answer; returns its entry id, or None when it is not cacheable."""
+    ) -> NewEntry | None:
+        """Count the miss; the entry to store, or None when the answer is not cacheable."""
         facts = read_answer(call.chat.format, body) if status == 200 else None
         self._store.record(
             "miss",
@@ -232,7 +346,7 @@ class CacheService:
             return None
         if headers.get("Content-Encoding", "identity").lower() != "identity":
             return None
-        entry = NewEntry(
+        return NewEntry(
             entry_id=new_entry_id(),
             namespace=call.namespace,
             fingerprint=call.fingerprint,
@@ -240,7 +354,12 @@ class CacheService:
             model=call.chat.model,
             request_format=call.chat.format,
             question=call.chat.question,
-            images=call.images,
+            images=tuple(
+                NewImage(position, digest, len(data))
+                for position, (digest, data) in enumerate(
+                    zip(call.image_digests, call.image_data, strict=True)
+                )
+            ),
             status=status,
             content_type=headers.get("Content-Type", "application/json"),
             body=body,
@@ -249,20 +368,77 @@ class CacheService:
             upstream_ms=upstream_ms,
             created_at=time.time(),
         )
-        stored = self._store.add(entry)
-        return stored.entry_id if stored is not None else None
+
+    def _store_later(
+        self,
+        entry: NewEntry,
+        embedding: EmbeddedImages | asyncio.Task[EmbeddedImages | None] | None,
+    ) -> None:
+        """Store ``entry`` now, or once its images' embedding is done (a tracked task)."""
+        if not isinstance(embedding, asyncio.Task):
+            self._store.add(_with_vectors(entry, embedding, self._embedder_id))
+            return
+        self._store.hold(entry)  # the exact tier can serve it while the vectors are computed
+
+        async def finish() -> None:
+            embedded = await embedding
+            self._store.add(_with_vectors(entry, embedded, self._embedder_id))
+
+        task = asyncio.create_task(finish())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @property
+    def _embedder_id(self) -> str | None:
+        return self._semantic.embedder.id if self._semantic is not None else None
 
     async def _pass_through(self, request: web.Request, data: object) -> web.StreamResponse:
         try:
             async with self._upstream.open(
                 request.method, request.rel_url, forwardable(request.headers), data
             ) as up:
-                return await self._upstream.relay(request, up, {"X-Cache": "BYPASS"})
+                relayed = await self._upstream.relay(request, up, {"X-Cache": "BYPASS"})
+                return relayed.response
         except ProxyError as exc:
             log.warning("pass-through failed: %s", exc)
             return exc.response()
 
 
-def cache_directives(value: str) -> set[str]:
-    """Lower-cased directive names of a ``Cache-Control`` header value."""
-    return {token.split("=", 1)[0].strip().lower() for token in value.split(",") if token.strip()}
+async def _replay(
+    request: web.Request, call: CachedCall, answer: StoredAnswer, headers: dict[str, str]
+) -> web.StreamResponse:
+    """Serve a stored answer to a ``stream: true`` request as ``chat.completion.chunk`` frames."""
+    options = call.chat.params.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    completion = orjson.loads(answer.body)
+    headers = {**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    out = web.StreamResponse(status=200, headers=headers)
+    await out.prepare(request)
+    try:
+        for frame in replay_frames(completion, include_usage=include_usage):
+            await out.write(frame)
+    except ConnectionResetError:
+        log.info("client went away during a replay")
+        return out
+    await out.write_eof()
+    return out
+
+
+def _with_vectors(
+    entry: NewEntry, embedded: EmbeddedImages | None, embedder_id: str | None
+) -> NewEntry:
+    """``entry`` with its images' vectors and thumbnails, when they were computed."""
+    if embedded is None or embedder_id is None:
+        return entry
+    images = tuple(
+        NewImage(
+            image.position,
+            image.sha256,
+            image.byte_size,
+            embedder_id,
+            embedded.vectors[image.position].astype("float32").tobytes(),
+            embedded.thumbnails[image.position],
+        )
+        for image in entry.images
+    )
+    return dataclasses.replace(entry, images=images)

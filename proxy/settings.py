@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EMBEDDERS = ("clip", "efficientnet-lite0", "none")
 
 
 class Settings(BaseSettings):
@@ -58,6 +59,9 @@ class Settings(BaseSettings):
         gt=0,
         description="Largest single image (decoded or fetched) that is cached.",
     )
+    max_image_pixels: int = Field(
+        40_000_000, gt=0, description="Largest width x height decoded for the semantic tier."
+    )
     image_fetch_timeout: float = Field(
         10.0, gt=0, description="Seconds allowed to fetch an http(s) image URL for its hash."
     )
@@ -79,6 +83,50 @@ class Settings(BaseSettings):
     flush_interval: float = Field(
         1.0, gt=0, description="Seconds between writes of buffered hit counters to the database."
     )
+    embedder: str = Field(
+        "clip",
+        description="Image embedder of the semantic tier: clip, efficientnet-lite0 (offline) "
+        "or none (exact tier only).",
+    )
+    clip_model: str = Field("ViT-B-32", description="open_clip architecture of the clip embedder.")
+    clip_pretrained: str | None = Field(
+        None,
+        description="open_clip weights tag, or a local checkpoint path for air-gapped sites "
+        "(default laion2b_s34b_b79k, fetched by open_clip on first start).",
+    )
+    threshold: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Cosine similarity every image must reach for a semantic hit "
+        "(default: the embedder's own, 0.95 for clip).",
+    )
+    embed_precision: str = Field(
+        "auto", description="Embedder precision: auto (bf16 where the CPU has it), fp32 or bf16."
+    )
+    embed_threads: int | None = Field(
+        None, ge=1, description="Torch threads for the embedder (default: torch's choice)."
+    )
+    embed_batch: int = Field(
+        16, ge=1, description="Most images embedded in one forward pass (micro-batching)."
+    )
+    embed_wait: float = Field(
+        0.002, ge=0, description="Seconds a forward pass waits for more images to batch."
+    )
+    embed_queue: int = Field(
+        64, ge=1, description="Images waiting to be embedded beyond which requests skip the tier."
+    )
+    embed_timeout: float = Field(
+        2.0, gt=0, description="Seconds a request may spend embedding before it goes upstream."
+    )
+    index_approx_rows: int = Field(
+        16384,
+        ge=2,
+        description="Entries of one question beyond which its index becomes approximate (HNSW).",
+    )
+    snapshot_interval: float = Field(
+        300.0, gt=0, description="Seconds between index snapshots in the data directory."
+    )
     log_level: str = Field("INFO", description="Logging level: DEBUG, INFO, WARNING or ERROR.")
 
     @field_validator("log_level")
@@ -88,6 +136,20 @@ class Settings(BaseSettings):
         if level not in LOG_LEVELS:
             raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}")
         return level
+
+    @field_validator("embedder")
+    @classmethod
+    def _known_embedder(cls, value: str) -> str:
+        if value not in EMBEDDERS:
+            raise ValueError(f"embedder must be one of {', '.join(EMBEDDERS)}")
+        return value
+
+    @field_validator("embed_precision")
+    @classmethod
+    def _known_precision(cls, value: str) -> str:
+        if value not in ("auto", "fp32", "bf16"):
+            raise ValueError("precision must be auto, fp32 or bf16")
+        return value
 
     @field_validator("upstream")
     @classmethod

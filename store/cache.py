@@ -79,6 +79,7 @@ class CacheStore:
         *,
         memory_bytes: int = 64 << 20,
         flush_interval: float = 1.0,
+        snapshot_interval: float = 300.0,
         index: IndexConfig | None = None,
     ) -> CacheStore:
         """Connect to ``url``, migrate the schema, load the vector index, start the writer."""
@@ -95,7 +96,11 @@ class CacheStore:
                 await engine.dispose()
                 raise
         store = cls(
-            engine, memory_bytes=memory_bytes, flush_interval=flush_interval, vectors=vectors
+            engine,
+            memory_bytes=memory_bytes,
+            flush_interval=flush_interval,
+            vectors=vectors,
+            snapshot_interval=snapshot_interval,
         )
         store._writer = asyncio.create_task(store._write_forever(), name="vlcache-store-writer")
         return store
@@ -171,6 +176,10 @@ class CacheStore:
         )
         rows = await self._run(lambda conn: _all(conn, query))
         return [row.thumbnail for row in rows]
+
+    def hold(self, entry: NewEntry) -> None:
+        """Serve ``entry`` from memory (exact tier) before it is added (while it is embedded)."""
+        self._memory.put(entry.exact_key, entry.answer())
 
     def add(self, entry: NewEntry) -> StoredAnswer | None:
         """Make ``entry`` servable now and queue its rows; None if the write queue is full."""

@@ -93,6 +93,7 @@ async def make_proxy(
             "data_dir": tmp_path / "data",
             "allow_private_image_urls": True,
             "flush_interval": 0.05,
+            "embedder": "none",
         }
         fields.update(overrides)
         return await aiohttp_server(create_app(Settings(**fields)))

@@ -73,6 +73,7 @@ async def test_serve_on_a_fresh_data_dir_caches_with_no_extra_step(
             **os.environ,
             "VLCACHE_UPSTREAM": str(server.make_url("/")),
             "VLCACHE_DATA_DIR": str(tmp_path / "fresh"),
+            "VLCACHE_EMBEDDER": "none",
         },
     )
     base = f"http://127.0.0.1:{unused_tcp_port}"

@@ -1,0 +1,94 @@
+"""``Keyer``: from a chat request body to a ``CachedCall``, the request with its cache keys."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from multidict import CIMultiDictProxy
+
+from embeddings.keys import exact_key, image_digest, namespace_for, question_fingerprint
+
+from .fetch import ImageFetcher
+from .protocol import ChatRequest, parse_chat
+from .settings import Settings
+
+# Bodies above this are parsed and hashed in a worker thread, off the event loop.
+_INLINE_PARSE_BYTES = 32 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class CachedCall:
+    """A chat request with its cache keys and its images' bytes (in position order)."""
+
+    chat: ChatRequest
+    namespace: str
+    fingerprint: str
+    exact_key: str
+    image_data: tuple[bytes, ...]
+    image_digests: tuple[str, ...]
+    lookup: bool
+    store: bool
+
+
+class Keyer:
+    """Parses chat requests and computes their namespace, fingerprint and exact key."""
+
+    def __init__(self, settings: Settings, fetcher: ImageFetcher) -> None:
+        self._settings = settings
+        self._fetcher = fetcher
+
+    def namespace(self, headers: CIMultiDictProxy[str]) -> str:
+        """The caller's cache namespace (see ``embeddings.keys.namespace_for``)."""
+        settings = self._settings
+        credential = headers.get("Authorization") or headers.get("api-key")
+        tenant = headers.get(settings.tenant_header) if settings.tenant_header else None
+        return namespace_for(credential, shared=settings.shared_namespace, tenant=tenant)
+
+    async def key(self, headers: CIMultiDictProxy[str], body: bytes) -> CachedCall | None:
+        """The keyed call; None when ``body`` is not a chat request; ``Uncacheable`` raised."""
+        if len(body) > _INLINE_PARSE_BYTES:
+            chat = await asyncio.get_running_loop().run_in_executor(None, self._parse, body)
+        else:
+            chat = self._parse(body)
+        if chat is None:
+            return None
+        images = []
+        for source in chat.images:
+            if source.data is not None:
+                images.append(source.data)
+            else:
+                assert source.url is not None  # an ImageSource holds data or a URL
+                images.append(await self._fetcher.fetch(source.url))
+        if sum(len(data) for data in images) > _INLINE_PARSE_BYTES:
+            digests = await asyncio.get_running_loop().run_in_executor(None, _digests, images)
+        else:
+            digests = _digests(images)
+        namespace = self.namespace(headers)
+        fingerprint = question_fingerprint(chat.format, chat.model, chat.turns, chat.params)
+        directives = cache_directives(headers.get("Cache-Control", ""))
+        return CachedCall(
+            chat=chat,
+            namespace=namespace,
+            fingerprint=fingerprint,
+            exact_key=exact_key(namespace, fingerprint, digests),
+            image_data=tuple(images),
+            image_digests=digests,
+            lookup="no-cache" not in directives,
+            store="no-store" not in directives,
+        )
+
+    def _parse(self, body: bytes) -> ChatRequest | None:
+        settings = self._settings
+        return parse_chat(
+            body, max_images=settings.max_images, max_image_bytes=settings.max_image_bytes
+        )
+
+
+def _digests(images: list[bytes]) -> tuple[str, ...]:
+    return tuple(image_digest(data) for data in images)
+
+
+def cache_directives(value: str) -> set[str]:
+    """Lower-cased directive names of a ``Cache-Control`` header value."""
+    return {token.split("=", 1)[0].strip().lower() for token in value.split(",") if token.strip()}

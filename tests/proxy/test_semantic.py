@@ -1,0 +1,136 @@
+"""The semantic tier end to end with the real offline embedder (EfficientNet-Lite0 weights)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from embeddings.embedder import Embedder, load_embedder
+from proxy.app import create_app, settle
+from proxy.demo import product_photo, reencoded
+from proxy.settings import Settings
+from tests.conftest import data_uri, openai_chat
+from tests.fakes import FakeUpstream
+
+ASK = "What phone is this? Does it support 5G?"
+KEY = {"Authorization": "Bearer sk-semantic"}
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return load_embedder("efficientnet-lite0", precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, bytes]:
+    """Product shots and the edits users' apps make to them (made outside the event loop)."""
+    phone = product_photo("X5 Pro", "2999", 40)
+    watch = product_photo("Watch 3", "899", 90)
+    return {
+        "phone": phone,
+        "phone_q60": reencoded(phone, quality=60),
+        "phone_q50": reencoded(phone, quality=50),
+        "phone_70%": reencoded(phone, quality=90, scale=0.7),
+        "phone_3999": product_photo("X5 Pro", "3999", 40),
+        "tablet": product_photo("Tab 11", "1899", 150),
+        "watch": watch,
+        "watch_q70": reencoded(watch, quality=70),
+    }
+
+
+@pytest.fixture
+async def semantic_proxy(
+    aiohttp_server: Any, upstream: tuple[FakeUpstream, TestServer], embedder: Embedder, tmp_path
+) -> TestServer:
+    settings = Settings(
+        upstream=str(upstream[1].make_url("/")),
+        data_dir=tmp_path / "data",
+        embedder="efficientnet-lite0",
+        flush_interval=0.05,
+    )
+    return await aiohttp_server(create_app(settings, embedder=embedder))
+
+
+async def ask(
+    client: aiohttp.ClientSession,
+    proxy: TestServer,
+    photo: bytes,
+    question: str = ASK,
+    headers: dict[str, str] = KEY,
+) -> dict[str, str]:
+    body = openai_chat(question, data_uri(photo))
+    async with client.post(proxy.make_url("/v1/chat/completions"), json=body, headers=headers) as r:
+        assert r.status == 200
+        await r.read()
+        return dict(r.headers)
+
+
+async def test_near_duplicates_hit_and_edited_or_other_pictures_miss(
+    semantic_proxy: TestServer,
+    upstream: tuple[FakeUpstream, TestServer],
+    client: aiohttp.ClientSession,
+    photos: dict[str, bytes],
+) -> None:
+    fake, _ = upstream
+    first = await ask(client, semantic_proxy, photos["phone"])
+    assert first["X-Cache"] == "MISS"
+    await settle(semantic_proxy.app)
+
+    for variant in (photos["phone_q60"], photos["phone_70%"]):
+        headers = await ask(client, semantic_proxy, variant)
+        assert (headers["X-Cache"], headers["X-Cache-Match"]) == ("HIT", "semantic")
+        assert headers["X-Cache-Entry"] == first["X-Cache-Entry"]
+        assert 0.9 < float(headers["X-Cache-Similarity"]) <= 1.0
+        assert len(headers["X-Cache-Similarity"].split(".")[1]) == 4
+    assert len(fake.chat_calls) == 1
+
+    assert (await ask(client, semantic_proxy, photos["phone_3999"]))["X-Cache"] == "MISS"
+    assert (await ask(client, semantic_proxy, photos["tablet"]))["X-Cache"] == "MISS"
+    # Same picture, other question or other tenant: never a semantic hit.
+    other_question = await ask(client, semantic_proxy, photos["phone_q60"], "Is it waterproof?")
+    assert other_question["X-Cache"] == "MISS"
+    other_tenant = await ask(client, semantic_proxy, photos["phone_q60"], headers={})
+    assert other_tenant["X-Cache"] == "MISS"
+    assert len(fake.chat_calls) == 5
+
+
+async def test_novel_question_does_not_wait_for_the_embedder(
+    semantic_proxy: TestServer,
+    upstream: tuple[FakeUpstream, TestServer],
+    client: aiohttp.ClientSession,
+    photos: dict[str, bytes],
+) -> None:
+    phone = photos["watch"]
+    headers = await ask(client, semantic_proxy, phone, "Novel question?")
+    assert headers["X-Cache"] == "MISS"
+    # The exact tier serves the repeat at once, even before the vectors are stored.
+    assert (await ask(client, semantic_proxy, phone, "Novel question?"))["X-Cache-Match"] == "exact"
+    await settle(semantic_proxy.app)
+    variant = await ask(client, semantic_proxy, photos["watch_q70"], "Novel question?")
+    assert variant["X-Cache-Match"] == "semantic"
+
+
+async def test_entries_and_vectors_survive_a_restart(
+    aiohttp_server: Any,
+    upstream: tuple[FakeUpstream, TestServer],
+    embedder: Embedder,
+    tmp_path,
+    client: aiohttp.ClientSession,
+    photos: dict[str, bytes],
+) -> None:
+    settings = Settings(
+        upstream=str(upstream[1].make_url("/")),
+        data_dir=tmp_path / "data",
+        embedder="efficientnet-lite0",
+    )
+    first = await aiohttp_server(create_app(settings, embedder=embedder))
+    await ask(client, first, photos["phone"])
+    await settle(first.app)
+    await first.close()
+
+    second = await aiohttp_server(create_app(settings, embedder=embedder))
+    headers = await ask(client, second, photos["phone_q50"])
+    assert headers["X-Cache-Match"] == "semantic"
