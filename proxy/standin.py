@@ -78,10 +78,14 @@ class StandIn:
         if "input" in doc:
             return web.json_response(native_answer(model, text))
         if doc.get("stream") is True:
-            return await self._stream(request, model, text)
+            options = doc.get("stream_options")
+            usage = isinstance(options, dict) and options.get("include_usage") is True
+            return await self._stream(request, model, text, usage)
         return web.json_response(openai_answer(model, text))
 
-    async def _stream(self, request: web.Request, model: str, text: str) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, model: str, text: str, usage: bool
+    ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         words = text.split(" ")
@@ -90,6 +94,13 @@ class StandIn:
             chunk = _chunk(model, {"content": piece}, None)
             await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         await response.write(b"data: " + orjson.dumps(_chunk(model, {}, "stop")) + b"\n\n")
+        if usage:
+            last = {
+                **_chunk(model, {}, None),
+                "choices": [],
+                "usage": openai_answer(model, text)["usage"],
+            }
+            await response.write(b"data: " + orjson.dumps(last) + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

@@ -9,8 +9,9 @@ proxy's own 502 / 504 errors.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -108,8 +109,13 @@ class Upstream:
         request: web.Request,
         response: aiohttp.ClientResponse,
         extra_headers: Mapping[str, str],
-    ) -> web.StreamResponse:
-        """Stream ``response`` to the client chunk by chunk, as it arrives."""
+        on_chunk: Callable[[bytes], None] | None = None,
+    ) -> Relayed:
+        """Stream ``response`` to the client chunk by chunk, as it arrives (no buffering).
+
+        ``on_chunk`` sees every chunk after it was written. ``complete`` is False when the
+        upstream broke off or the client went away before the end.
+        """
         out = web.StreamResponse(status=response.status, reason=response.reason)
         out.headers.extend(relayable(response.headers))
         out.headers.update(extra_headers)
@@ -117,12 +123,25 @@ class Upstream:
         try:
             async for chunk in response.content.iter_any():
                 await out.write(chunk)
+                if on_chunk is not None:
+                    on_chunk(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Headers are out: the only honest signal left is to cut the client's connection
             # too, so it never mistakes a truncated body for a complete one.
             log.warning("upstream broke off mid-response: %s", exc or type(exc).__name__)
             if request.transport is not None:
                 request.transport.abort()
-            return out
+            return Relayed(out, complete=False)
+        except ConnectionResetError:
+            log.info("client went away mid-response")
+            return Relayed(out, complete=False)
         await out.write_eof()
-        return out
+        return Relayed(out, complete=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Relayed:
+    """A response relayed to the client, and whether all of it got through."""
+
+    response: web.StreamResponse
+    complete: bool

@@ -23,6 +23,9 @@ class Reply:
     finish_reason: str | None = None
     hang: float = 0.0
     cut_off: bool = False
+    stream_frames: list[bytes] | None = None  # raw SSE frames to send instead of JSON
+    frame_delay: float = 0.0
+    cut_after_frames: int | None = None
 
 
 @dataclass
@@ -30,6 +33,7 @@ class FakeUpstream(StandIn):
     """A real aiohttp model endpoint that records every call and plays scripted replies."""
 
     script: deque[Reply] = field(default_factory=deque)
+    sign_answers: bool = False  # end each answer with "for <the caller's key>"
 
     def push(self, reply: Reply) -> None:
         """Play ``reply`` for the next chat request."""
@@ -38,11 +42,18 @@ class FakeUpstream(StandIn):
     async def answer(
         self, request: web.Request, doc: dict[str, Any], body: bytes
     ) -> web.StreamResponse:
-        if not self.script:
+        if not self.script and not self.sign_answers:
             return await super().answer(request, doc, body)
+        if not self.script:
+            await asyncio.sleep(self.latency)
+            key = request.headers.get("Authorization", "anonymous").removeprefix("Bearer ")
+            answer = openai_answer(str(doc.get("model")), f"answer for {key}")
+            return web.json_response(answer)
         reply = self.script.popleft()
         if reply.hang:
             await asyncio.sleep(reply.hang)
+        if reply.stream_frames is not None:
+            return await self._scripted_stream(request, reply)
         if reply.cut_off:
             response = web.StreamResponse(headers={"Content-Type": "application/json"})
             response.content_length = 1000
@@ -66,3 +77,20 @@ class FakeUpstream(StandIn):
             body=orjson.dumps(payload),
             headers={"Content-Type": "application/json", **reply.headers},
         )
+
+    async def _scripted_stream(self, request: web.Request, reply: Reply) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=reply.status, headers={"Content-Type": "text/event-stream", **reply.headers}
+        )
+        await response.prepare(request)
+        assert reply.stream_frames is not None
+        for number, frame in enumerate(reply.stream_frames):
+            if reply.cut_after_frames is not None and number == reply.cut_after_frames:
+                assert request.transport is not None
+                request.transport.close()
+                return response
+            await response.write(frame)
+            if reply.frame_delay:
+                await asyncio.sleep(reply.frame_delay)
+        await response.write_eof()
+        return response

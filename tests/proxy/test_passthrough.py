@@ -6,7 +6,7 @@ import aiohttp
 import orjson
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import data_uri, jpeg_bytes, openai_chat
+from tests.conftest import data_uri, jpeg_bytes, native_chat, openai_chat
 from tests.fakes import FakeUpstream, Reply
 
 AUTH = {"Authorization": "Bearer sk-pass"}
@@ -75,12 +75,17 @@ async def test_incomplete_or_no_store_answers_are_not_cached(
     assert len(fake.chat_calls) == 4
 
 
-async def test_streamed_chat_passes_through(
+async def test_streamed_chat_is_relayed_frame_for_frame(
     proxy: TestServer, upstream: tuple[FakeUpstream, TestServer], client: aiohttp.ClientSession
 ) -> None:
+    native = native_chat("Stream it natively", data_uri(jpeg_bytes(12)))
+    native["parameters"]["incremental_output"] = True
+    path = "/api/v1/services/aigc/multimodal-generation/generation"
+    async with client.post(proxy.make_url(path), json=native, headers=AUTH) as r:
+        assert r.headers["X-Cache"] == "BYPASS"  # native streams are not cached (yet)
     request = openai_chat("Stream it", data_uri(jpeg_bytes(12)), stream=True)
     async with client.post(proxy.make_url("/v1/chat/completions"), json=request, headers=AUTH) as r:
-        assert r.headers["X-Cache"] == "BYPASS"
+        assert r.headers["X-Cache"] == "MISS"
         assert r.headers["Content-Type"] == "text/event-stream"
         body = await r.read()
     frames = [line[6:] for line in body.split(b"\n") if line.startswith(b"data: ")]
