@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 from aiohttp import web
 from PIL import Image
 
-from embeddings.embedder import Embedder, load_embedder
 from store.cache import CacheStore
 from store.vectors import IndexConfig
 
@@ -31,6 +31,10 @@ from .semantic import SemanticTier, embed_batch
 from .service import CacheService
 from .settings import Settings
 from .upstream import Upstream, create_upstream_session
+
+if TYPE_CHECKING:
+    # torch is imported only when an embedder is actually loaded (not with --embedder none).
+    from embeddings.embedder import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,8 @@ async def open_embedder(settings: Settings) -> Embedder | None:
     """Load the configured embedder in a worker thread (None when the tier is off)."""
     if settings.embedder == "none":
         return None
+    from embeddings.embedder import load_embedder
+
     return await asyncio.to_thread(
         load_embedder,
         settings.embedder,

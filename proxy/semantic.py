@@ -18,17 +18,20 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from embeddings.embedder import Embedder
 from embeddings.images import decode_image
 from embeddings.verifier import make_thumbnail, verify
 from store.cache import CacheStore
 from store.records import StoredAnswer
 
 from .batcher import MicroBatcher
+
+if TYPE_CHECKING:
+    from embeddings.embedder import Embedder
 
 log = logging.getLogger(__name__)
 

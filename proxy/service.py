@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections import OrderedDict
 
 import orjson
 from aiohttp import web
@@ -39,6 +40,9 @@ from .upstream import Upstream, forwardable, relayable
 
 log = logging.getLogger(__name__)
 
+# Keyed calls remembered by the digest of their exact body bytes (calls without image bytes).
+_KNOWN_BODIES = 2048
+
 
 class CacheService:
     """The cache in front of one upstream: keys requests, serves hits, stores answers."""
@@ -59,6 +63,7 @@ class CacheService:
         self._failures = FailureLog(log)
         self._background: set[asyncio.Task[None]] = set()
         self._inflight: dict[str, asyncio.Future[StoredAnswer | None]] = {}
+        self._known_bodies: OrderedDict[str, CachedCall] = OrderedDict()
 
     async def respond(self, request: web.Request) -> web.StreamResponse:
         """Answer one client request (any method, any path)."""
@@ -72,6 +77,15 @@ class CacheService:
         except ProxyError as exc:
             return exc.response()
         started = time.perf_counter()
+        directives = cache_directives(request.headers.get("Cache-Control", ""))
+        body_key = await self._keyer.body_key(request.headers, body)
+        known = self._known_bodies.get(body_key)
+        if known is not None and "no-cache" not in directives:
+            # A byte-identical repeat of a request keyed before: no parse, no image decode.
+            self._known_bodies.move_to_end(body_key)
+            answer = await self._lookup_exact(known)
+            if answer is not None:
+                return await self._serve_hit(request, known, answer, started, "exact", None)
         try:
             call = await self._keyer.key(request.headers, body)
         except Uncacheable as exc:
@@ -83,6 +97,7 @@ class CacheService:
             return await self._pass_through(request, body)
         if call is None:
             return await self._pass_through(request, body)
+        self._remember(body_key, call)
         if call.chat.stream and call.chat.format != "openai":
             # Native (DashScope) streaming is relayed untouched; its frames are not cached yet.
             self._store.record("bypass", call.namespace, call.chat.model)
@@ -125,6 +140,12 @@ class CacheService:
                 )
                 return response, hit.answer
         return await self._forward_miss(request, body, call, embedded)
+
+    def _remember(self, body_key: str, call: CachedCall) -> None:
+        self._known_bodies[body_key] = call.without_images()
+        self._known_bodies.move_to_end(body_key)
+        if len(self._known_bodies) > _KNOWN_BODIES:
+            self._known_bodies.popitem(last=False)
 
     async def drain(self) -> None:
         """Wait for the entries still being stored in the background (at shutdown)."""

@@ -190,8 +190,13 @@ class CacheStore:
             return None
         answer = entry.answer()
         self._memory.put(entry.exact_key, answer)
-        # Semantic visibility needs the commit (candidates are read back from SQL): write soon.
-        self._wake.set()
+        # Semantic visibility needs the commit (candidates are read back from SQL): an entry with
+        # vectors is written at once; others ride with the next batch (the memory tier serves
+        # them meanwhile), so a burst of misses costs one commit, not one each.
+        if any(image.embedding is not None for image in entry.images) or (
+            self._pending.qsize() >= _WRITE_BATCH
+        ):
+            self._wake.set()
         return answer
 
     def record(
