@@ -135,13 +135,7 @@ class CacheStore:
             if answer.expires_at is None or answer.expires_at > now:
                 return answer
             self._memory.discard(exact_key)
-        query = (
-            _answer_query()
-            .where(Entry.exact_key == exact_key)
-            .order_by(Entry.created_at.desc())
-            .limit(1)
-        )
-        row = await self._run(lambda conn: _first(conn, query))
+        row = await self._run(lambda conn: _first(conn, _BY_EXACT_KEY, {"key": exact_key}))
         if row is None:
             return None
         answer = StoredAnswer(*row)
@@ -150,9 +144,7 @@ class CacheStore:
 
     async def answer_by_id(self, entry_id: int) -> StoredAnswer | None:
         """The live answer of entry ``entry_id``, or None (deleted, expired or unknown)."""
-        row = await self._run(
-            lambda conn: _first(conn, _answer_query().where(Entry.id == entry_id))
-        )
+        row = await self._run(lambda conn: _first(conn, _BY_ID, {"entry_id": entry_id}))
         return None if row is None else StoredAnswer(*row)
 
     def has_similar_group(self, namespace: str, fingerprint: str, images: int) -> bool:
@@ -305,8 +297,18 @@ def _answer_query() -> Any:
     )
 
 
-async def _first(conn: AsyncConnection, query: Any) -> Any:
-    return (await conn.execute(query)).first()
+# Built once: composing a statement per request costs SQLAlchemy a new cache key every time.
+_BY_EXACT_KEY = (
+    _answer_query()
+    .where(Entry.exact_key == bindparam("key"))
+    .order_by(Entry.created_at.desc())
+    .limit(1)
+)
+_BY_ID = _answer_query().where(Entry.id == bindparam("entry_id"))
+
+
+async def _first(conn: AsyncConnection, query: Any, params: dict[str, Any] | None = None) -> Any:
+    return (await conn.execute(query, params)).first()
 
 
 async def _all(conn: AsyncConnection, query: Any) -> list[Any]:
@@ -321,15 +323,19 @@ async def _insert_entries(conn: AsyncConnection, batch: list[NewEntry]) -> list[
     images = [row for e in batch for row in e.image_rows()]
     if images:
         await conn.execute(insert(EntryImage), images)
-    retired: list[int] = []
+    # A refreshed answer (Cache-Control: no-cache) retires every older one under its exact key:
+    # one statement per batch, keeping only the newest entry of each key.
+    newest: dict[str, NewEntry] = {}
     for entry in batch:
-        # A refreshed answer (Cache-Control: no-cache) retires the ones it replaces.
-        result = await conn.execute(
-            update(Entry)
-            .where(Entry.exact_key == entry.exact_key, Entry.id != entry.entry_id)
-            .where(Entry.deleted.is_(False), Entry.created_at <= entry.created_at)
-            .values(deleted=True, deleted_at=time.time())
-            .returning(Entry.id)
-        )
-        retired.extend(row.id for row in result)
+        if entry.exact_key not in newest or entry.created_at >= newest[entry.exact_key].created_at:
+            newest[entry.exact_key] = entry
+    result = await conn.execute(
+        update(Entry)
+        .where(Entry.exact_key.in_(list(newest)), Entry.deleted.is_(False))
+        .where(Entry.id.not_in([e.entry_id for e in newest.values()]))
+        .where(Entry.created_at <= max(e.created_at for e in newest.values()))
+        .values(deleted=True, deleted_at=time.time())
+        .returning(Entry.id)
+    )
+    retired = [row.id for row in result]
     return retired
