@@ -67,10 +67,14 @@ async def open_embedder(settings: Settings) -> Embedder | None:
     """Load the configured embedder in a worker thread (None when the tier is off)."""
     if settings.embedder == "none":
         return None
+    return await asyncio.to_thread(_load_embedder, settings)
+
+
+def _load_embedder(settings: Settings) -> Embedder:
+    # Imported here, in the worker thread: importing torch reads hundreds of files.
     from embeddings.embedder import load_embedder
 
-    return await asyncio.to_thread(
-        load_embedder,
+    return load_embedder(
         settings.embedder,
         clip_model=settings.clip_model,
         clip_pretrained=settings.clip_pretrained,

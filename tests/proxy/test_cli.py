@@ -100,3 +100,55 @@ async def test_serve_on_a_fresh_data_dir_caches_with_no_extra_step(
         _, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, err.decode()
     assert "cache=hit match=exact" in err.decode()
+
+
+async def test_serve_without_clip_weights_exits_at_once_naming_the_ways_out(
+    tmp_path: Path, unused_tcp_port: int
+) -> None:
+    code, out = await _run(
+        "serve",
+        "--port",
+        str(unused_tcp_port),
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--clip-pretrained",
+        str(tmp_path / "missing.pt"),
+    )
+    assert code != 0
+    assert "--clip-pretrained" in out and "efficientnet-lite0" in out
+    assert "Traceback" not in out
+
+
+async def test_index_rebuild_reads_sql_with_a_progress_bar(
+    upstream: tuple[FakeUpstream, TestServer], tmp_path: Path
+) -> None:
+    from aiohttp.test_utils import TestServer as Server
+
+    from proxy.app import create_app, settle
+    from proxy.settings import Settings
+
+    settings = Settings(
+        upstream=str(upstream[1].make_url("/")),
+        data_dir=tmp_path / "data",
+        embedder="efficientnet-lite0",
+    )
+    server = Server(create_app(settings))
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as client:
+            for seed in (70, 71):
+                body = openai_chat("Rebuild me", data_uri(jpeg_bytes(seed, size=(300, 200))))
+                async with client.post(server.make_url("/v1/chat/completions"), json=body) as r:
+                    assert r.headers["X-Cache"] == "MISS"
+        await settle(server.app)
+    finally:
+        await server.close()
+    snapshot = next((tmp_path / "data" / "index").glob("*.npz"))
+    snapshot.unlink()
+    code, out = await _run(
+        "index", "rebuild", "--data-dir", str(tmp_path / "data"), "--embedder", "efficientnet-lite0"
+    )
+    assert code == 0, out
+    assert "indexed 1 entries" in out or "indexed 2 entries" in out
+    assert "100%" in out  # tqdm's bar reached the end
+    assert snapshot.exists()
