@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
+from typing import TypeAlias
 
 import orjson
 from aiohttp import web
@@ -39,6 +40,9 @@ from .sse import StreamAssembler, replay_frames
 from .upstream import Upstream, forwardable, relayable
 
 log = logging.getLogger(__name__)
+
+# The images' vectors of a miss: ready, being computed beside the upstream call, or none.
+Embedding: TypeAlias = "EmbeddedImages | asyncio.Task[EmbeddedImages | None] | None"
 
 # Keyed calls remembered by the digest of their exact body bytes (calls without image bytes).
 _KNOWN_BODIES = 2048
@@ -254,35 +258,27 @@ class CacheService:
         request: web.Request,
         body: bytes,
         call: CachedCall,
-        embedding: EmbeddedImages | asyncio.Task[EmbeddedImages | None] | None,
+        embedding: Embedding,
     ) -> tuple[web.StreamResponse, StoredAnswer | None]:
         if call.chat.stream:
             return await self._forward_stream(request, body, call, embedding)
-        headers = forwardable(request.headers)
-        # The answer must be readable to be stored: ask the upstream for an uncompressed body.
-        headers["Accept-Encoding"] = "identity"
         started = time.perf_counter()
         try:
-            async with self._upstream.open(request.method, request.rel_url, headers, body) as up:
+            async with self._upstream.open(
+                request.method, request.rel_url, _identity(request), body
+            ) as up:
                 answer_body = await up.read()
                 upstream_ms = (time.perf_counter() - started) * 1000
                 out_headers = relayable(up.headers)
                 status, reason = up.status, up.reason
         except ProxyError as exc:
-            if isinstance(embedding, asyncio.Task):
-                embedding.cancel()
-            self._store.record("error", call.namespace, call.chat.model)
-            log.warning("cache=miss upstream_error=%s model=%s", exc.code, call.chat.model)
-            return exc.response(), None
+            return self._upstream_failed(call, exc, embedding), None
         out_headers.popall("Content-Length", None)
         out_headers["X-Cache"] = "MISS"
         entry = self._cacheable_entry(call, status, out_headers, answer_body, upstream_ms)
-        if entry is None:
-            if isinstance(embedding, asyncio.Task):
-                embedding.cancel()
-        else:
+        self._keep_or_drop(entry, embedding)
+        if entry is not None:
             out_headers["X-Cache-Entry"] = str(entry.entry_id)
-            self._store_later(entry, embedding)
         log.info(
             "cache=miss status=%d stored=%s model=%s upstream_ms=%.1f",
             status,
@@ -298,15 +294,15 @@ class CacheService:
         request: web.Request,
         body: bytes,
         call: CachedCall,
-        embedding: EmbeddedImages | asyncio.Task[EmbeddedImages | None] | None,
+        embedding: Embedding,
     ) -> tuple[web.StreamResponse, StoredAnswer | None]:
         """Relay a streamed miss chunk by chunk; store the answer it spelled out if complete."""
-        headers = forwardable(request.headers)
-        headers["Accept-Encoding"] = "identity"
         assembler = StreamAssembler()
         started = time.perf_counter()
         try:
-            async with self._upstream.open(request.method, request.rel_url, headers, body) as up:
+            async with self._upstream.open(
+                request.method, request.rel_url, _identity(request), body
+            ) as up:
                 watch = (
                     up.status == 200
                     and up.content_type == "text/event-stream"
@@ -317,11 +313,7 @@ class CacheService:
                 )
                 upstream_ms = (time.perf_counter() - started) * 1000
         except ProxyError as exc:
-            if isinstance(embedding, asyncio.Task):
-                embedding.cancel()
-            self._store.record("error", call.namespace, call.chat.model)
-            log.warning("cache=miss stream upstream_error=%s model=%s", exc.code, call.chat.model)
-            return exc.response(), None
+            return self._upstream_failed(call, exc, embedding), None
         entry = None
         if watch and relayed.complete and assembler.complete:
             answer = orjson.dumps(assembler.completion())
@@ -329,11 +321,7 @@ class CacheService:
             entry = self._cacheable_entry(call, 200, synthetic, answer, upstream_ms)
         else:
             self._store.record("miss", call.namespace, call.chat.model, time_ms=upstream_ms)
-        if entry is None:
-            if isinstance(embedding, asyncio.Task):
-                embedding.cancel()
-        else:
-            self._store_later(entry, embedding)
+        self._keep_or_drop(entry, embedding)
         log.info(
             "cache=miss stream=true complete=%s stored=%s model=%s upstream_ms=%.1f",
             relayed.complete and assembler.complete,
@@ -342,6 +330,29 @@ class CacheService:
             upstream_ms,
         )
         return relayed.response, entry.answer() if entry is not None else None
+
+    def _upstream_failed(
+        self,
+        call: CachedCall,
+        exc: ProxyError,
+        embedding: Embedding,
+    ) -> web.Response:
+        if isinstance(embedding, asyncio.Task):
+            embedding.cancel()
+        self._store.record("error", call.namespace, call.chat.model)
+        log.warning("cache=miss upstream_error=%s model=%s", exc.code, call.chat.model)
+        return exc.response()
+
+    def _keep_or_drop(
+        self,
+        entry: NewEntry | None,
+        embedding: Embedding,
+    ) -> None:
+        """Store a cacheable answer; otherwise stop embedding for it."""
+        if entry is not None:
+            self._store_later(entry, embedding)
+        elif isinstance(embedding, asyncio.Task):
+            embedding.cancel()
 
     def _cacheable_entry(
         self,
@@ -393,7 +404,7 @@ class CacheService:
     def _store_later(
         self,
         entry: NewEntry,
-        embedding: EmbeddedImages | asyncio.Task[EmbeddedImages | None] | None,
+        embedding: Embedding,
     ) -> None:
         """Store ``entry`` now, or once its images' embedding is done (a tracked task)."""
         if not isinstance(embedding, asyncio.Task):
@@ -423,6 +434,13 @@ class CacheService:
         except ProxyError as exc:
             log.warning("pass-through failed: %s", exc)
             return exc.response()
+
+
+def _identity(request: web.Request) -> CIMultiDict[str]:
+    """Headers for the upstream: the client's, asking for an uncompressed (storable) answer."""
+    headers = forwardable(request.headers)
+    headers["Accept-Encoding"] = "identity"
+    return headers
 
 
 async def _replay(
