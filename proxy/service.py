@@ -87,7 +87,10 @@ class CacheService:
         if known is not None and "no-cache" not in directives:
             # A byte-identical repeat of a request keyed before: no parse, no image decode.
             self._known_bodies.move_to_end(body_key)
-            answer = await self._lookup_exact(known)
+            try:
+                answer = await self._store.find_exact(known.exact_key)
+            except StoreError:
+                return await self._fail_open(request, body, known)
             if answer is not None:
                 return await self._serve_hit(request, known, answer, started, "exact", None)
         try:
@@ -107,7 +110,10 @@ class CacheService:
             self._store.record("bypass", call.namespace, call.chat.model)
             return await self._pass_through(request, body)
         if call.lookup:
-            answer = await self._lookup_exact(call)
+            try:
+                answer = await self._store.find_exact(call.exact_key)
+            except StoreError:
+                return await self._fail_open(request, body, call)
             if answer is not None:
                 return await self._serve_hit(request, call, answer, started, "exact", None)
         leader = self._inflight.get(call.exact_key)
@@ -165,12 +171,13 @@ class CacheService:
         except web.HTTPRequestEntityTooLarge as exc:
             raise BodyTooLarge(f"request body is larger than {limit} bytes") from exc
 
-    async def _lookup_exact(self, call: CachedCall) -> StoredAnswer | None:
-        try:
-            return await self._store.find_exact(call.exact_key)
-        except StoreError:
-            self._failures.report("cache lookup failed, answering from the upstream")
-            return None
+    async def _fail_open(
+        self, request: web.Request, body: bytes, call: CachedCall
+    ) -> web.StreamResponse:
+        """The store is down: answer from the upstream untouched, store nothing."""
+        self._failures.report("cache store unavailable, answering from the upstream")
+        self._store.record("bypass", call.namespace, call.chat.model)
+        return await self._pass_through(request, body)
 
     def _wants_semantic_lookup(self, call: CachedCall) -> bool:
         return (
