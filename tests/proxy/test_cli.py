@@ -58,38 +58,44 @@ async def test_demo_runs_offline_and_every_outcome_is_as_scripted() -> None:
     assert "model calls" in out
 
 
-async def test_serve_on_a_fresh_data_dir_caches_with_no_extra_step(
-    upstream: tuple[FakeUpstream, TestServer], unused_tcp_port: int, tmp_path: Path
-) -> None:
-    fake, server = upstream
+async def start_serve(port: int, upstream_url: str, data_dir: Path) -> asyncio.subprocess.Process:
+    """``vlcache serve`` as a real process, once it answers."""
     process = await asyncio.create_subprocess_exec(
         *VLCACHE,
         "serve",
         "--port",
-        str(unused_tcp_port),
+        str(port),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         env={
             **os.environ,
-            "VLCACHE_UPSTREAM": str(server.make_url("/")),
-            "VLCACHE_DATA_DIR": str(tmp_path / "fresh"),
+            "VLCACHE_UPSTREAM": upstream_url,
+            "VLCACHE_DATA_DIR": str(data_dir),
             "VLCACHE_EMBEDDER": "none",
         },
     )
+    async with aiohttp.ClientSession() as client:
+        for _ in range(150):
+            try:
+                async with client.get(f"http://127.0.0.1:{port}/v1/models") as r:
+                    if r.status == 200:
+                        return process
+            except aiohttp.ClientConnectorError:
+                await asyncio.sleep(0.1)
+    process.kill()
+    pytest.fail("vlcache serve did not start")
+
+
+async def test_serve_on_a_fresh_data_dir_caches_with_no_extra_step(
+    upstream: tuple[FakeUpstream, TestServer], unused_tcp_port: int, tmp_path: Path
+) -> None:
+    fake, server = upstream
+    process = await start_serve(unused_tcp_port, str(server.make_url("/")), tmp_path / "fresh")
     base = f"http://127.0.0.1:{unused_tcp_port}"
     request = openai_chat("Which model?", data_uri(jpeg_bytes(40)))
     try:
+        outcomes = []
         async with aiohttp.ClientSession() as client:
-            for _ in range(100):
-                try:
-                    async with client.get(base + "/v1/models") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientConnectorError:
-                    await asyncio.sleep(0.1)
-            else:
-                pytest.fail("vlcache serve did not start")
-            outcomes = []
             for _ in range(2):
                 async with client.post(base + "/v1/chat/completions", json=request) as r:
                     outcomes.append(r.headers["X-Cache"])
@@ -100,6 +106,39 @@ async def test_serve_on_a_fresh_data_dir_caches_with_no_extra_step(
         _, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, err.decode()
     assert "cache=hit match=exact" in err.decode()
+
+
+async def test_sigterm_lets_in_flight_requests_finish_and_keeps_their_answers(
+    upstream: tuple[FakeUpstream, TestServer], unused_tcp_port: int, tmp_path: Path
+) -> None:
+    fake, server = upstream
+    fake.latency = 1.0
+    process = await start_serve(unused_tcp_port, str(server.make_url("/")), tmp_path / "d")
+    url = f"http://127.0.0.1:{unused_tcp_port}/v1/chat/completions"
+    request = openai_chat("Slow answer, then shutdown", data_uri(jpeg_bytes(41)))
+    async with aiohttp.ClientSession() as client:
+
+        async def ask() -> tuple[int, str]:
+            async with client.post(url, json=request) as r:
+                await r.read()
+                return r.status, r.headers["X-Cache"]
+
+        in_flight = asyncio.ensure_future(ask())
+        await asyncio.sleep(0.3)  # the request is with the model now
+        process.terminate()
+        assert await in_flight == (200, "MISS")
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+
+    fake.latency = 0.0
+    process = await start_serve(unused_tcp_port, str(server.make_url("/")), tmp_path / "d")
+    try:
+        async with aiohttp.ClientSession() as client, client.post(url, json=request) as r:
+            assert r.headers["X-Cache"] == "HIT"
+        assert len(fake.chat_calls) == 1
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.communicate(), 30)
 
 
 async def test_serve_without_clip_weights_exits_at_once_naming_the_ways_out(
