@@ -25,6 +25,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from embeddings.errors import ImageDecodeError
 from store.cache import CacheStore, new_entry_id
 from store.errors import StoreError
 from store.records import NewEntry, NewImage, StoredAnswer
@@ -193,7 +194,9 @@ class CacheService:
             return None
         try:
             return await self._semantic.embed(call.image_data)
-        except (TimeoutError, BatcherSaturated) as exc:
+        except (TimeoutError, BatcherSaturated, ImageDecodeError) as exc:
+            # Busy, slow, or an image that is not one (bomb, SVG, corrupt): a client matter,
+            # not a failure of the tier. The request goes on without the semantic tier.
             log.info("cache=semantic-skipped reason=%s", type(exc).__name__)
             return None
         except Exception:

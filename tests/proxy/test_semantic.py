@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from PIL import Image
 
 from embeddings.embedder import Embedder, load_embedder
-from proxy.app import create_app, settle
+from proxy.app import STORE, create_app, settle
 from proxy.demo import product_photo, reencoded
 from proxy.settings import Settings
 from tests.conftest import data_uri, openai_chat
@@ -39,6 +41,15 @@ def photos() -> dict[str, bytes]:
         "watch": watch,
         "watch_q70": reencoded(watch, quality=70),
     }
+
+
+@pytest.fixture(scope="module")
+def bomb() -> bytes:
+    """A small PNG that claims 30000 x 30000 pixels (900 M) when decoded."""
+    image = Image.new("1", (30_000, 30_000))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
 
 
 @pytest.fixture
@@ -134,3 +145,22 @@ async def test_entries_and_vectors_survive_a_restart(
     second = await aiohttp_server(create_app(settings, embedder=embedder))
     headers = await ask(client, second, photos["phone_q50"])
     assert headers["X-Cache-Match"] == "semantic"
+
+
+async def test_hostile_images_never_reach_the_index(
+    semantic_proxy: TestServer,
+    upstream: tuple[FakeUpstream, TestServer],
+    client: aiohttp.ClientSession,
+    photos: dict[str, bytes],
+    bomb: bytes,
+) -> None:
+    fake, _ = upstream
+    await ask(client, semantic_proxy, photos["phone"])  # the question now has a group
+    await settle(semantic_proxy.app)
+    for payload in (bomb, b"\xff\xd8\xff\xe0 corrupt jpeg", b"GIF89a" + b"\x00" * 20):
+        headers = await ask(client, semantic_proxy, payload)
+        assert headers["X-Cache"] == "MISS"
+    await settle(semantic_proxy.app)
+    store = semantic_proxy.app[STORE]
+    assert store.vectors is not None and store.vectors.size == 1
+    assert len(fake.chat_calls) == 4
