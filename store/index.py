@@ -268,23 +268,25 @@ class VectorIndex:
         return index, float(watermark)
 
     def _restore(self, data: Any) -> None:
+        # An NpzFile re-reads a member from the zip on every access: read each one once.
+        arrays = {name: data[name] for name in data.files}
         cursor: dict[int, tuple[int, int]] = {}  # images -> (next group number, next row)
-        for images, namespace, fingerprint in orjson.loads(data["names"].tobytes()):
+        for images, namespace, fingerprint in orjson.loads(arrays["names"].tobytes()):
             number, row = cursor.get(images, (0, 0))
-            size = int(data[f"sizes_{images}"][number])
+            size = int(arrays[f"sizes_{images}"][number])
             target = _GroupVectors(images, self.dim)
-            target.ids = data[f"ids_{images}"][row : row + size].copy()
-            target.vectors = data[f"vectors_{images}"][row : row + size].copy()
+            # Views into the loaded arrays (disjoint per group); a group that grows reallocates.
+            target.ids = arrays[f"ids_{images}"][row : row + size]
+            target.vectors = arrays[f"vectors_{images}"][row : row + size]
             target.n = size
-            if f"hnsw_{images}_{number}_0" in data.files:
+            if f"hnsw_{images}_{number}_0" in arrays:
                 target.indexes = [
-                    faiss.deserialize_index(data[f"hnsw_{images}_{number}_{p}"])
+                    faiss.deserialize_index(arrays[f"hnsw_{images}_{number}_{p}"])
                     for p in range(images)
                 ]
                 target.approx = True
             target._tier(self.approx_rows)
             group = (namespace, fingerprint)
             self._groups[group] = target
-            for entry_id in target.ids:
-                self._where[int(entry_id)] = group
+            self._where.update(dict.fromkeys(target.ids.tolist(), group))
             cursor[images] = (number + 1, row + size)
