@@ -56,14 +56,6 @@ class SemanticHit:
     similarity: float
 
 
-@dataclass(frozen=True, slots=True)
-class Decoded:
-    """One decoded image and its verifier thumbnail."""
-
-    image: Image.Image
-    thumbnail: bytes
-
-
 class SemanticTier:
     """Embeds request images and finds verified near-duplicate entries."""
 
@@ -91,12 +83,17 @@ class SemanticTier:
             decoded = await asyncio.gather(
                 *(loop.run_in_executor(self._cpu_pool, self._decode, data) for data in images)
             )
-            vectors = await asyncio.gather(*(self._batcher.submit(d.image) for d in decoded))
-        return EmbeddedImages(np.stack(vectors), tuple(d.thumbnail for d in decoded))
+            # The thumbnails are made while the embedder works: they are off its critical path.
+            vectors, thumbnails = await asyncio.gather(
+                asyncio.gather(*(self._batcher.submit(image) for image in decoded)),
+                asyncio.gather(
+                    *(loop.run_in_executor(self._cpu_pool, make_thumbnail, i) for i in decoded)
+                ),
+            )
+        return EmbeddedImages(np.stack(vectors), tuple(thumbnails))
 
-    def _decode(self, data: bytes) -> Decoded:
-        image = decode_image(data, max_pixels=self._max_pixels, size=DECODE_SIZE)
-        return Decoded(image, make_thumbnail(image))
+    def _decode(self, data: bytes) -> Image.Image:
+        return decode_image(data, max_pixels=self._max_pixels, size=DECODE_SIZE)
 
     async def lookup(
         self, store: CacheStore, namespace: str, fingerprint: str, query: EmbeddedImages

@@ -111,7 +111,10 @@ class Settings(BaseSettings):
         16, ge=1, description="Most images embedded in one forward pass (micro-batching)."
     )
     embed_wait: float = Field(
-        0.002, ge=0, description="Seconds a forward pass waits for more images to batch."
+        0.0,
+        ge=0,
+        description="Seconds a forward pass waits for more images to batch (images that queue "
+        "while a pass runs are batched anyway).",
     )
     embed_queue: int = Field(
         64, ge=1, description="Images waiting to be embedded beyond which requests skip the tier."
@@ -120,7 +123,7 @@ class Settings(BaseSettings):
         2.0, gt=0, description="Seconds a request may spend embedding before it goes upstream."
     )
     index_approx_rows: int = Field(
-        16384,
+        8192,
         ge=2,
         description="Entries of one question beyond which its index becomes approximate (HNSW).",
     )

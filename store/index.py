@@ -150,7 +150,7 @@ def _candidates(ids: npt.NDArray[np.int64], sims: Vectors, threshold: float) -> 
 class VectorIndex:
     """All vectors of one embedder, partitioned by group (namespace, fingerprint)."""
 
-    def __init__(self, embedder: str, dim: int, *, approx_rows: int = 16384) -> None:
+    def __init__(self, embedder: str, dim: int, *, approx_rows: int = 8192) -> None:
         self.embedder = embedder
         self.dim = dim
         self.approx_rows = approx_rows

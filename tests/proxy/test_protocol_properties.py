@@ -14,7 +14,9 @@ scalars = (
     st.none()
     | st.booleans()
     | st.integers(-(2**63), 2**63 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
+    # Embedder tests flush denormals on the main thread (torch.set_flush_denormal): hypothesis
+    # cannot draw subnormal floats after that, and the parser treats them like any other float.
+    | st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=False)
     | st.text(max_size=20)
 )
 json_values = st.recursive(
