@@ -1,0 +1,577 @@
+"""Semantic tier speed: near-duplicate hit latency, its breakdown, micro-batching, miss overhead.
+
+Run from the repo root: ``/work/venv/bin/python bench/semantic_perf.py`` (about 3-5 minutes).
+
+Everything runs in this process on 127.0.0.1: the stand-in model (``proxy.standin.StandIn``,
+latency 0) and the real proxy (``proxy.app.create_app``) on ``web.AppRunner``s, and one aiohttp
+client on the same event loop (its own cost is in every figure, the direct-upstream baseline's
+too). For each embedder (EfficientNet-Lite0 with its packaged weights; open_clip ViT-B-32 with
+random weights saved to a temporary checkpoint: speed does not depend on the weights), fp32, and
+each torch thread count:
+
+1. semantic hits: one MISS stores a ~150 KB 900x700 photo-like JPEG, ``settle``, then
+   ``--hits`` distinct re-encodings (other JPEG quality / chroma subsampling, so never an exact
+   hit) are sent one after another; every answer must carry ``X-Cache-Match: semantic``;
+2. the pieces of a hit timed directly, outside the proxy: ``decode_image`` + ``make_thumbnail``,
+   ``embedder.embed`` (batch 1, and through the ``MicroBatcher`` as the proxy does), a
+   ``VectorIndex.search``, ``verify``, and the SQL reads of a hit (``thumbnails``,
+   ``answer_by_id``) on the proxy's own store;
+3. micro-batching: images/s with 16 concurrent submits vs sequential ones, same batcher;
+4. the miss path: a new question (new fingerprint) with the image, so the proxy forwards at
+   once and embeds beside the upstream; p50 through vlcache minus p50 of the same bodies sent
+   straight to the stand-in. ``settle`` runs (untimed) after each miss, as a real model's
+   800+ ms would let the embedding finish before the next request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import datetime
+import hashlib
+import io
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+for _path in (str(REPO_ROOT), str(BENCH_DIR)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import _common as c  # noqa: E402
+import aiohttp  # noqa: E402
+import torch  # noqa: E402
+from aiohttp import web  # noqa: E402
+from exact_hit import photo_jpeg  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from embeddings.embedder import Embedder, cpu_has_native_bf16, load_embedder  # noqa: E402
+from embeddings.images import decode_image  # noqa: E402
+from embeddings.verifier import make_thumbnail, verify  # noqa: E402
+from proxy.app import STORE, create_app, settle  # noqa: E402
+from proxy.batcher import MicroBatcher  # noqa: E402
+from proxy.semantic import DECODE_SIZE, embed_batch  # noqa: E402
+from proxy.settings import Settings  # noqa: E402
+from proxy.standin import StandIn  # noqa: E402
+from store.index import VectorIndex  # noqa: E402
+
+TITLE = "Semantic tier speed (issue 3)"
+CHAT = "/v1/chat/completions"
+MAX_PIXELS = 40_000_000
+TARGET_HIT_P99_MS = {"efficientnet-lite0": 10.0, "clip": 40.0}
+TARGET_BATCH_RATIO = 1.5
+TARGET_MISS_OVERHEAD_MS = 2.0
+HEADERS = {"Authorization": "Bearer bench-semantic-key"}
+
+
+def ms(values: list[float], share: float) -> float:
+    """Nearest-rank percentile (``share`` 0-1) of seconds, in ms."""
+    return c.percentile(sorted(values), share * 100) * 1e3
+
+
+def p50(values: list[float]) -> float:
+    return ms(values, 0.5)
+
+
+def variants(original: bytes, count: int) -> list[bytes]:
+    """``count`` distinct re-encodings of ``original`` (quality x chroma subsampling)."""
+    image = Image.open(io.BytesIO(original))
+    image.load()
+    seen = {hashlib.sha256(original).digest()}
+    out: list[bytes] = []
+    for quality in range(95, 55, -1):
+        for subsampling in (2, 0, 1):
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=quality, subsampling=subsampling)
+            data = buffer.getvalue()
+            digest = hashlib.sha256(data).digest()
+            if digest not in seen:
+                seen.add(digest)
+                out.append(data)
+            if len(out) == count:
+                return out
+    raise RuntimeError(f"only {len(out)} distinct re-encodings")
+
+
+def chat(photo: bytes, question: str) -> bytes:
+    uri = "data:image/jpeg;base64," + base64.b64encode(photo).decode()
+    return json.dumps(
+        {
+            "model": "qwen3-vl-8b-instruct",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": uri}},
+                        {"type": "text", "text": question},
+                    ],
+                }
+            ],
+            "max_tokens": 128,
+        }
+    ).encode()
+
+
+@dataclass
+class Config:
+    """One measured embedder + thread count."""
+
+    embedder: str
+    threads: int
+    hits: list[float] = field(default_factory=list)
+    matches: Counter[str] = field(default_factory=Counter)
+    exact: list[float] = field(default_factory=list)
+    pieces: dict[str, list[float]] = field(default_factory=dict)
+    seq_rate: float = 0.0
+    conc_rate: float = 0.0
+    direct_rate: float = 0.0
+    batches: str = ""
+    miss: list[float] = field(default_factory=list)
+    direct: list[float] = field(default_factory=list)
+    miss_outcomes: Counter[str] = field(default_factory=Counter)
+    other_cores: float = 0.0
+
+
+async def _start(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[float, Any, int]:
+    started = time.perf_counter()
+    async with session.post(
+        url, data=body, headers={**HEADERS, "Content-Type": "application/json"}
+    ) as response:
+        await response.read()
+        took = time.perf_counter() - started
+        return took, response.headers, response.status
+
+
+async def timed_async(fn: Callable[[], Awaitable[object]]) -> float:
+    started = time.perf_counter()
+    await fn()
+    return time.perf_counter() - started
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+async def measure(
+    config: Config, embedder: Embedder, photo: bytes, copies: list[bytes], args: argparse.Namespace
+) -> None:
+    """All phases of one configuration."""
+    torch.set_num_threads(config.threads)
+    standin = StandIn(latency=0.0)
+    with tempfile.TemporaryDirectory(prefix="vlcache-semantic-") as data_dir:
+        up_runner, up_url = await _start(standin.app())
+        settings = Settings(
+            upstream=up_url,
+            data_dir=Path(data_dir),
+            port=0,
+            embedder=config.embedder,
+            embed_precision="fp32",
+            embed_threads=config.threads,
+            log_level="WARNING",
+        )
+        app = create_app(settings, embedder=embedder)
+        runner, base = await _start(app)
+        try:
+            async with aiohttp.ClientSession() as session:
+                await _hits(config, session, base + CHAT, app, photo, copies, args)
+                await _pieces(config, embedder, app, photo, copies, args)
+                await _misses(config, session, base + CHAT, up_url + CHAT, app, photo, args)
+        finally:
+            await runner.cleanup()
+            await up_runner.cleanup()
+    await _batching(config, embedder, copies, args)
+
+
+async def _hits(
+    config: Config,
+    session: aiohttp.ClientSession,
+    url: str,
+    app: web.Application,
+    photo: bytes,
+    copies: list[bytes],
+    args: argparse.Namespace,
+) -> None:
+    question = "What product is this, and what does it cost?"
+    _, headers, status = await post(session, url, chat(photo, question))
+    if headers.get("X-Cache") != "MISS" or status != 200:
+        raise RuntimeError(f"priming request: {status} {headers.get('X-Cache')}")
+    config.pieces["entry"] = [float(headers["X-Cache-Entry"])]
+    await settle(app)
+    bodies = [chat(copy, question) for copy in copies]
+    for body in bodies[: args.warmup]:
+        await post(session, url, body)
+    for body in bodies[args.warmup :]:
+        took, headers, status = await post(session, url, body)
+        config.hits.append(took)
+        config.matches[f"{status} {headers.get('X-Cache')} {headers.get('X-Cache-Match')}"] += 1
+    exact = chat(photo, question)
+    for _ in range(5):
+        await post(session, url, exact)
+    for _ in range(30):
+        took, headers, _ = await post(session, url, exact)
+        config.exact.append(took)
+
+
+async def _pieces(
+    config: Config,
+    embedder: Embedder,
+    app: web.Application,
+    photo: bytes,
+    copies: list[bytes],
+    args: argparse.Namespace,
+) -> None:
+    entry = int(config.pieces.pop("entry")[0])
+    stored_image = decode_image(photo, max_pixels=MAX_PIXELS, size=DECODE_SIZE)
+    stored_thumb = make_thumbnail(stored_image)
+    index = VectorIndex(embedder.id, embedder.dim)
+    index.add(entry, ("ns", "fp"), embedder.embed([stored_image]))
+    threshold = embedder.default_threshold
+    store = app[STORE]
+    batcher: MicroBatcher[Image.Image, np.ndarray] = MicroBatcher(
+        partial(embed_batch, embedder),
+        ThreadPoolExecutor(1),
+        max_batch=16,
+        max_wait=0.002,
+        max_queue=64,
+    )
+    batcher.start()
+    pieces: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "base64 decode + sha256 of the image",
+            "decode_image (512 draft)",
+            "make_thumbnail",
+            "embed, batch 1 (direct)",
+            "embed via MicroBatcher (incl. 2 ms max_wait)",
+            "VectorIndex.search (1 entry)",
+            "verify",
+            "SQL: thumbnails + answer_by_id",
+        )
+    }
+    keys = list(pieces)
+    uri = base64.b64encode(copies[0]).decode()
+    for copy in copies[: args.pieces]:
+        pieces[keys[0]].append(timed(lambda: hashlib.sha256(base64.b64decode(uri)).digest()))
+        started = time.perf_counter()
+        image = decode_image(copy, max_pixels=MAX_PIXELS, size=DECODE_SIZE)
+        pieces[keys[1]].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        thumb = make_thumbnail(image)
+        pieces[keys[2]].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        vector = embedder.embed([image])
+        pieces[keys[3]].append(time.perf_counter() - started)
+        pieces[keys[4]].append(await timed_async(lambda image=image: batcher.submit(image)))
+        pieces[keys[5]].append(timed(lambda vector=vector: index.search(("ns", "fp"), vector, 0)))
+        started = time.perf_counter()
+        verdict = verify(thumb, stored_thumb)
+        pieces[keys[6]].append(time.perf_counter() - started)
+        if not verdict.passed:
+            raise RuntimeError("verifier rejected a re-encoded copy")
+
+        async def sql() -> None:
+            await store.thumbnails(entry)
+            await store.answer_by_id(entry)
+
+        pieces[keys[7]].append(await timed_async(sql))
+    await batcher.close()
+    config.pieces = pieces
+    config.pieces["_threshold"] = [threshold]
+
+
+async def _misses(
+    config: Config,
+    session: aiohttp.ClientSession,
+    url: str,
+    direct_url: str,
+    app: web.Application,
+    photo: bytes,
+    args: argparse.Namespace,
+) -> None:
+    for number in range(args.misses + 5):
+        body = chat(photo, f"New question number {number} about {config.threads} {config.embedder}")
+        took, headers, _ = await post(session, url, body)
+        await settle(app)
+        d_took, _, _ = await post(session, direct_url, body)
+        if number >= 5:  # warm-up
+            config.miss.append(took)
+            config.direct.append(d_took)
+            config.miss_outcomes[str(headers.get("X-Cache"))] += 1
+
+
+async def miss_without_tier(photo: bytes, args: argparse.Namespace) -> Config:
+    """The miss path of the same proxy with ``--embedder none``: what the tier itself adds."""
+    config = Config("none", torch.get_num_threads())
+    standin = StandIn(latency=0.0)
+    with tempfile.TemporaryDirectory(prefix="vlcache-semantic-") as data_dir:
+        up_runner, up_url = await _start(standin.app())
+        settings = Settings(
+            upstream=up_url, data_dir=Path(data_dir), port=0, embedder="none", log_level="WARNING"
+        )
+        app = create_app(settings)
+        runner, base = await _start(app)
+        try:
+            async with aiohttp.ClientSession() as session:
+                await _misses(config, session, base + CHAT, up_url + CHAT, app, photo, args)
+        finally:
+            await runner.cleanup()
+            await up_runner.cleanup()
+    return config
+
+
+async def _batching(
+    config: Config, embedder: Embedder, copies: list[bytes], args: argparse.Namespace
+) -> None:
+    images = [decode_image(x, max_pixels=MAX_PIXELS, size=DECODE_SIZE) for x in copies[:16]]
+    executor = ThreadPoolExecutor(1)
+    batcher: MicroBatcher[Image.Image, np.ndarray] = MicroBatcher(
+        partial(embed_batch, embedder), executor, max_batch=16, max_wait=0.002, max_queue=64
+    )
+    batcher.start()
+    try:
+        for image in images[:4]:
+            await batcher.submit(image)
+        await asyncio.gather(*(batcher.submit(image) for image in images))
+        count = args.batch_images
+        started = time.perf_counter()
+        for number in range(count):
+            await batcher.submit(images[number % len(images)])
+        config.seq_rate = count / (time.perf_counter() - started)
+        started = time.perf_counter()
+        for number in range(count):
+            embedder.embed([images[number % len(images)]])
+        config.direct_rate = count / (time.perf_counter() - started)
+        batches_before, items_before = batcher.batches, batcher.items
+        started = time.perf_counter()
+        for _ in range(count // 16):
+            await asyncio.gather(*(batcher.submit(image) for image in images))
+        config.conc_rate = (count // 16 * len(images)) / (time.perf_counter() - started)
+        config.batches = (
+            f"{batcher.items - items_before} images in {batcher.batches - batches_before} passes"
+        )
+    finally:
+        await batcher.close()
+        executor.shutdown()
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def report(every: list[Config], args: argparse.Namespace, started: float, photo: bytes) -> str:
+    configs = [cfg for cfg in every if cfg.embedder != "none"]
+    plain = next(cfg for cfg in every if cfg.embedder == "none")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    facts = c.machine_facts()
+    measured = args.hits - args.warmup
+    lines = [
+        f"Command: `{shlex.join([sys.executable, *sys.argv])}` (repo root), {now}, "
+        f"{time.perf_counter() - started:.0f} s in all. Code measured: "
+        f"{c.describe_source(REPO_ROOT)}. Machine: {facts['nproc']} cores ({facts['cpu']}, "
+        f"native bf16: {cpu_has_native_bf16()}), shared with other work (noisy); torch "
+        f"{torch.__version__}, Python {facts['python']}, aiohttp {facts['aiohttp']}.",
+        "",
+        "Set-up: stand-in model (latency 0) and `proxy.app.create_app` on `web.AppRunner`s in "
+        "one process on 127.0.0.1, one aiohttp client in the same event loop (its cost is in "
+        f"every figure, the direct baseline's too). Stored picture: a {len(photo) / 1024:.0f} KB "
+        f"900x700 photo-like JPEG; {args.warmup} warm-up then {measured} re-encoded copies "
+        "(JPEG quality 56-95 x chroma subsampling, each distinct bytes, so never exact), "
+        "sequential; precision fp32 (this CPU has no native bf16). EfficientNet-Lite0: "
+        "packaged weights; CLIP ViT-B-32: random weights from a temporary checkpoint (speed "
+        "does not depend on them).",
+        "",
+        "### Targets",
+        "",
+        "| target | config | measured | verdict |",
+        "|---|---|---:|---|",
+    ]
+    for cfg in configs:
+        target = TARGET_HIT_P99_MS[cfg.embedder]
+        all_semantic = cfg.matches == Counter({"200 HIT semantic": measured})
+        p99 = ms(cfg.hits, 0.99)
+        lines.append(
+            f"| semantic hit p99 <= {target:g} ms, every answer `semantic` | {cfg.embedder}, "
+            f"{cfg.threads} thr | p50 {p50(cfg.hits):.1f} / p99 {p99:.1f} ms, "
+            f"{cfg.matches['200 HIT semantic']}/{measured} semantic | "
+            f"{verdict(p99 <= target and all_semantic)} |"
+        )
+    for cfg in configs:
+        ratio = cfg.conc_rate / cfg.seq_rate
+        lines.append(
+            f"| 16 concurrent >= {TARGET_BATCH_RATIO}x sequential batch-1 (MicroBatcher) | "
+            f"{cfg.embedder}, {cfg.threads} thr | {cfg.conc_rate:.1f} vs {cfg.seq_rate:.1f} "
+            f"img/s = {ratio:.2f}x (vs direct `embed` batch 1, no batcher: "
+            f"{cfg.conc_rate / cfg.direct_rate:.2f}x) | {verdict(ratio >= TARGET_BATCH_RATIO)} |"
+        )
+    for cfg in configs:
+        overhead = p50(cfg.miss) - p50(cfg.direct)
+        lines.append(
+            f"| miss p50 - direct p50 <= {TARGET_MISS_OVERHEAD_MS:g} ms (new question + image) | "
+            f"{cfg.embedder}, {cfg.threads} thr | {p50(cfg.miss):.2f} - {p50(cfg.direct):.2f} = "
+            f"{overhead:.2f} ms | {verdict(overhead <= TARGET_MISS_OVERHEAD_MS)} |"
+        )
+    lines += [
+        "",
+        "### Semantic hits through the proxy",
+        "",
+        "| config | p50 | p90 | p99 | max | mean | answers | exact hit p50 (same setup) "
+        "| other processes' CPU cores |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for cfg in configs:
+        answers = ", ".join(f"{k}: {v}" for k, v in cfg.matches.items())
+        lines.append(
+            f"| {cfg.embedder}, {cfg.threads} thr | {p50(cfg.hits):.2f} ms | "
+            f"{ms(cfg.hits, 0.9):.2f} ms | {ms(cfg.hits, 0.99):.2f} ms | "
+            f"{max(cfg.hits) * 1e3:.2f} ms | {statistics.fmean(cfg.hits) * 1e3:.2f} ms | "
+            f"{answers} | {p50(cfg.exact):.2f} ms | {cfg.other_cores:.2f} |"
+        )
+    lines += [
+        "",
+        "### Where a semantic hit's time goes",
+        "",
+        f"Each piece called directly, {args.pieces} re-encoded copies, p50 (p99) in ms. The "
+        "proxy runs decode + thumbnail in its CPU pool, the embedding through the micro-batcher "
+        "on its embed thread, the search on the index thread and the verifier in the CPU pool; "
+        "the rest of a hit (HTTP, JSON parse, base64 + sha256 keying, exact lookup, thread "
+        "hand-offs, building the answer) is about the exact-hit p50 above.",
+        "",
+        "| piece | " + " | ".join(f"{cfg.embedder}, {cfg.threads} thr" for cfg in configs) + " |",
+        "|---|" + "---:|" * len(configs),
+    ]
+    keys = [k for k in configs[0].pieces if not k.startswith("_")]
+    for key in keys:
+        cells = [f"{p50(cfg.pieces[key]):.2f} ({ms(cfg.pieces[key], 0.99):.2f})" for cfg in configs]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    sums = []
+    for cfg in configs:
+        total = sum(p50(cfg.pieces[k]) for k in keys if "direct" not in k and "base64" not in k)
+        sums.append(f"{total:.2f}")
+    lines.append(
+        "| sum of the proxy's path (decode, thumbnail, batcher embed, search, verify, SQL) | "
+        + " | ".join(sums)
+        + " |"
+    )
+    lines += [
+        "",
+        "### Micro-batching and the miss path",
+        "",
+        f"Batching: {args.batch_images} images per run, the same 16 decoded copies; sequential = "
+        "one `submit` awaited at a time (each waits the batcher's 2 ms `max_wait` alone); "
+        "concurrent = 16 `submit`s gathered per round. Miss: "
+        f"{args.misses} new questions (after 5 warm-up), each also sent straight to the stand-in.",
+        "",
+        "| config | sequential via batcher | direct `embed` batch 1 | 16 concurrent | passes | "
+        "miss p50 | direct p50 | miss p99 | miss answers |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for cfg in configs:
+        outcomes = ", ".join(f"{k}: {v}" for k, v in cfg.miss_outcomes.items())
+        lines.append(
+            f"| {cfg.embedder}, {cfg.threads} thr | {cfg.seq_rate:.1f} img/s | "
+            f"{cfg.direct_rate:.1f} img/s | {cfg.conc_rate:.1f} img/s | {cfg.batches} | "
+            f"{p50(cfg.miss):.2f} ms | {p50(cfg.direct):.2f} ms | {ms(cfg.miss, 0.99):.2f} ms | "
+            f"{outcomes} |"
+        )
+    lines += [
+        "",
+        f"Same miss workload through the proxy with `--embedder none` (no semantic tier): p50 "
+        f"{p50(plain.miss):.2f} ms vs direct {p50(plain.direct):.2f} ms = "
+        f"{p50(plain.miss) - p50(plain.direct):.2f} ms of proxy overhead without any embedding "
+        f"(p99 {ms(plain.miss, 0.99):.2f} ms; answers "
+        + ", ".join(f"{k}: {v}" for k, v in plain.miss_outcomes.items())
+        + "). The difference to the rows above is what starting the embedding beside the "
+        "upstream costs the miss.",
+    ]
+    return "\n".join(lines)
+
+
+def clip_checkpoint(directory: Path) -> Path:
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32")
+    path = directory / "vit-b-32-random.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+async def run(args: argparse.Namespace) -> list[Config]:
+    photo, _ = photo_jpeg()
+    copies = await asyncio.to_thread(variants, photo, args.hits)
+    configs: list[Config] = []
+    threads = [int(t) for t in args.threads.split(",")]
+    with tempfile.TemporaryDirectory(prefix="vlcache-clip-") as tmp:
+        for name in args.embedders.split(","):
+            if name == "clip":
+                path = clip_checkpoint(Path(tmp))
+                embedder = load_embedder(
+                    "clip", clip_model="ViT-B-32", clip_pretrained=str(path), precision="fp32"
+                )
+            else:
+                embedder = load_embedder(name, precision="fp32")
+            for count in threads:
+                config = Config(name, count)
+                busy, own, wall = c.machine_busy_seconds(), time.process_time(), time.time()
+                with c.timed(f"{name}, {count} torch thread(s)"):
+                    await measure(config, embedder, photo, copies, args)
+                others = (c.machine_busy_seconds() - busy) - (time.process_time() - own)
+                config.other_cores = max(others, 0.0) / (time.time() - wall)
+                print(
+                    f"bench: {name} {count} thr: hit p50 {p50(config.hits):.1f} "
+                    f"p99 {ms(config.hits, 0.99):.1f} ms {dict(config.matches)}",
+                    file=sys.stderr,
+                )
+                configs.append(config)
+    with c.timed("miss path with --embedder none"):
+        configs.append(await miss_without_tier(photo, args))
+    return configs
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hits", type=int, default=110, help="re-encoded copies (incl. warm-up)")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--pieces", type=int, default=40, help="copies timed piece by piece")
+    parser.add_argument("--misses", type=int, default=60)
+    parser.add_argument("--batch-images", type=int, default=64)
+    parser.add_argument("--embedders", default="efficientnet-lite0,clip")
+    parser.add_argument("--threads", default="1,2", help="torch thread counts to try")
+    parser.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    configs = asyncio.run(run(args))
+    photo, _ = photo_jpeg()
+    text = report(configs, args, started, photo)
+    print(f"## {TITLE}\n\n{text}")
+    if not args.no_write:
+        c.replace_section(TITLE, text)
+        print(f"\nbench: written to {c.RESULTS.relative_to(c.REPO_ROOT)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
