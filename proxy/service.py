@@ -88,12 +88,9 @@ class CacheService:
         if known is not None and "no-cache" not in directives:
             # A byte-identical repeat of a request keyed before: no parse, no image decode.
             self._known_bodies.move_to_end(body_key)
-            try:
-                answer = await self._store.find_exact(known.exact_key)
-            except StoreError:
-                return await self._fail_open(request, body, known)
-            if answer is not None:
-                return await self._serve_hit(request, known, answer, started, "exact", None)
+            served = await self._serve_exact(request, body, known, started)
+            if served is not None:
+                return served
         try:
             call = await self._keyer.key(request.headers, body)
         except Uncacheable as exc:
@@ -111,12 +108,9 @@ class CacheService:
             self._store.record("bypass", call.namespace, call.chat.model)
             return await self._pass_through(request, body)
         if call.lookup:
-            try:
-                answer = await self._store.find_exact(call.exact_key)
-            except StoreError:
-                return await self._fail_open(request, body, call)
-            if answer is not None:
-                return await self._serve_hit(request, call, answer, started, "exact", None)
+            served = await self._serve_exact(request, body, call, started)
+            if served is not None:
+                return served
         leader = self._inflight.get(call.exact_key)
         if leader is not None:
             # An identical request is already with the model: share its answer when it can be
@@ -171,6 +165,18 @@ class CacheService:
             return await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
             raise BodyTooLarge(f"request body is larger than {limit} bytes") from exc
+
+    async def _serve_exact(
+        self, request: web.Request, body: bytes, call: CachedCall, started: float
+    ) -> web.StreamResponse | None:
+        """The exact tier's answer (or the upstream's, when the store is down); None on a miss."""
+        try:
+            answer = await self._store.find_exact(call.exact_key)
+        except StoreError:
+            return await self._fail_open(request, body, call)
+        if answer is None:
+            return None
+        return await self._serve_hit(request, call, answer, started, "exact", None)
 
     async def _fail_open(
         self, request: web.Request, body: bytes, call: CachedCall
