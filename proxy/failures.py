@@ -19,11 +19,9 @@ class FailureLog:
         self._quiet = quiet_seconds
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
-        self.total = 0
 
     def report(self, what: str) -> None:
         """Count one failure of ``what``; log it with its traceback unless logged recently."""
-        self.total += 1
         now = time.monotonic()
         last = self._last.get(what)
         if last is not None and now - last < self._quiet:

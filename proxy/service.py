@@ -85,8 +85,10 @@ class CacheService:
         directives = cache_directives(request.headers.get("Cache-Control", ""))
         body_key = await self._keyer.body_key(request.headers, body)
         known = self._known_bodies.get(body_key)
-        if known is not None and "no-cache" not in directives:
+        looked_up = known is not None and "no-cache" not in directives
+        if looked_up:
             # A byte-identical repeat of a request keyed before: no parse, no image decode.
+            assert known is not None
             self._known_bodies.move_to_end(body_key)
             served = await self._serve_exact(request, body, known, started)
             if served is not None:
@@ -107,7 +109,8 @@ class CacheService:
             # Native (DashScope) streaming is relayed untouched; its frames are not cached yet.
             self._store.record("bypass", call.namespace, call.chat.model)
             return await self._pass_through(request, body)
-        if call.lookup:
+        # A known body was looked up above under this very exact key: a miss there is a miss here.
+        if call.lookup and not looked_up:
             served = await self._serve_exact(request, body, call, started)
             if served is not None:
                 return served

@@ -20,7 +20,6 @@ every call on one dedicated thread.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -201,12 +200,6 @@ class VectorIndex:
         if target is None or target.images != len(query):
             return []
         return target.search(query, threshold)
-
-    def items(self) -> Iterator[tuple[Group, int, Vectors]]:
-        """Every (group, entry id, vectors) held."""
-        for group, target in self._groups.items():
-            for row in range(target.n):
-                yield group, int(target.ids[row]), target.vectors[row]
 
     def save(self, path: Path, watermark: float) -> None:
         """Write a snapshot (atomically) that knows SQL up to ``watermark`` (a created_at).
