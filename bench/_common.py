@@ -806,3 +806,11 @@ def timed(label: str) -> Iterator[None]:
     print(
         f"bench: {label} done in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True
     )
+
+
+def publish(title: str, text: str, *, write: bool) -> None:
+    """Print a benchmark's section and, unless told not to, put it into bench/RESULTS.md."""
+    print(f"## {title}\n\n{text}")
+    if write:
+        replace_section(title, text)
+        print(f"\nbench: written to {RESULTS.relative_to(REPO_ROOT)}", file=sys.stderr)

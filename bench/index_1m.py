@@ -404,10 +404,7 @@ def main(argv: list[str] | None = None) -> None:
         ),
     ]
     text = "\n".join(lines)
-    print(f"## {TITLE}\n\n{text}")
-    if not args.no_write:
-        c.replace_section(TITLE, text)
-        print(f"\nbench: written to {c.RESULTS.relative_to(c.REPO_ROOT)}", file=sys.stderr)
+    c.publish(TITLE, text, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -567,10 +567,7 @@ def main(argv: list[str] | None = None) -> None:
     configs = asyncio.run(run(args))
     photo, _ = photo_jpeg()
     text = report(configs, args, started, photo)
-    print(f"## {TITLE}\n\n{text}")
-    if not args.no_write:
-        c.replace_section(TITLE, text)
-        print(f"\nbench: written to {c.RESULTS.relative_to(c.REPO_ROOT)}", file=sys.stderr)
+    c.publish(TITLE, text, write=not args.no_write)
 
 
 if __name__ == "__main__":
