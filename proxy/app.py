@@ -105,6 +105,7 @@ def _resources(
                 memory_bytes=settings.memory_cache_bytes,
                 flush_interval=settings.flush_interval,
                 snapshot_interval=settings.snapshot_interval,
+                sync_interval=settings.sync_interval,
                 index=index_config(settings, embedder) if embedder is not None else None,
             )
             stack.push_async_callback(store.close)

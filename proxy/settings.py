@@ -8,10 +8,11 @@ Settings are built once at start-up and passed down; nothing else reads the envi
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -130,6 +131,39 @@ class Settings(BaseSettings):
     snapshot_interval: float = Field(
         300.0, gt=0, description="Seconds between index snapshots in the data directory."
     )
+    sync_interval: float = Field(
+        1.0,
+        gt=0,
+        description="Seconds between look-ups of entries and deletions made by other processes "
+        "(warm-up, other replicas), which the index then follows.",
+    )
+    admin_host: str = Field(
+        "127.0.0.1",
+        description="Address of the admin listener (metrics, stats, dashboard, entries); "
+        "anything but loopback requires --admin-token.",
+    )
+    admin_port: int = Field(8081, ge=0, le=65535, description="Port of the admin listener.")
+    admin_token: str | None = Field(
+        None,
+        description="Bearer token the admin listener requires (Authorization: Bearer ...); "
+        "/healthz and /readyz stay open.",
+    )
+    pricing: Path | None = Field(
+        None,
+        description="TOML price table (per model, per 1M input and output tokens) that turns "
+        "saved tokens into saved cost; without it tokens and time are still counted.",
+    )
+    record: Path | None = Field(
+        None,
+        description="Append one JSON line per completed chat exchange to this file (the "
+        "warm-up format; credentials are never written).",
+    )
+    record_max_bytes: int = Field(
+        256 * 1024 * 1024, gt=0, description="Size at which the --record file is rotated."
+    )
+    record_backups: int = Field(
+        5, ge=1, description="Rotated --record files kept (PATH.1 is the newest)."
+    )
     log_level: str = Field("INFO", description="Logging level: DEBUG, INFO, WARNING or ERROR.")
 
     @field_validator("log_level")
@@ -161,12 +195,36 @@ class Settings(BaseSettings):
             raise ValueError("upstream must be an http:// or https:// URL")
         return value.rstrip("/")
 
+    @model_validator(mode="after")
+    def _admin_token_off_loopback(self) -> Settings:
+        if not self.admin_is_loopback and not self.admin_token:
+            raise ValueError(
+                f"the admin listener on {self.admin_host} is reachable from other machines: "
+                "set --admin-token (or VLCACHE_ADMIN_TOKEN), or bind it to 127.0.0.1"
+            )
+        return self
+
+    @property
+    def admin_is_loopback(self) -> bool:
+        """True when the admin listener is reachable from this machine only."""
+        return is_loopback(self.admin_host)
+
     @property
     def database_url(self) -> str:
         """The SQLAlchemy URL in force: ``--db`` or SQLite inside the data directory."""
         if self.db:
             return self.db
         return f"sqlite+aiosqlite:///{self.data_dir / 'vlcache.db'}"
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def settings_markdown() -> str:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -39,6 +39,9 @@ _EPOCH_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 _RANDOM_BITS = 22
 _WRITE_BATCH = 128
 _MAX_PENDING_WRITES = 10_000
+# How far a sync looks back past the previous one: rows are stamped when answered and committed
+# up to a few seconds later (embedding, write batching); clocks of other hosts may differ a little.
+SYNC_SLACK = 30.0
 
 
 def new_entry_id() -> int:
@@ -58,8 +61,12 @@ class CacheStore:
         flush_interval: float,
         vectors: VectorKeeper | None = None,
         snapshot_interval: float = 300.0,
+        sync_interval: float = 1.0,
     ) -> None:
         self._engine = engine
+        self._sync_interval = sync_interval
+        self._last_sync = time.monotonic()
+        self._synced_to = time.time()
         self._vectors = vectors
         self._snapshot_interval = snapshot_interval
         self._last_snapshot = time.monotonic()
@@ -80,6 +87,7 @@ class CacheStore:
         memory_bytes: int = 64 << 20,
         flush_interval: float = 1.0,
         snapshot_interval: float = 300.0,
+        sync_interval: float = 1.0,
         index: IndexConfig | None = None,
     ) -> CacheStore:
         """Connect to ``url``, migrate the schema, load the vector index, start the writer."""
@@ -101,6 +109,7 @@ class CacheStore:
             flush_interval=flush_interval,
             vectors=vectors,
             snapshot_interval=snapshot_interval,
+            sync_interval=sync_interval,
         )
         store._writer = asyncio.create_task(store._write_forever(), name="vlcache-store-writer")
         return store
@@ -191,6 +200,35 @@ class CacheStore:
             self._wake.set()
         return answer
 
+    async def import_entries(self, entries: Sequence[NewEntry]) -> list[NewEntry]:
+        """Commit ``entries`` whose exact key holds no live answer yet; returns those added.
+
+        One transaction per call: after a crash either the whole batch is there or none of it,
+        and a second run skips what the first committed (warm-up is idempotent and resumable).
+        The entries reach this process's index at once and other processes' at their next sync.
+        """
+        if not entries:
+            return []
+        keys = list({entry.exact_key for entry in entries})
+
+        async def work(conn: AsyncConnection) -> tuple[list[NewEntry], list[int]]:
+            present = await conn.execute(
+                select(Entry.exact_key).where(Entry.exact_key.in_(keys), Entry.deleted.is_(False))
+            )
+            taken = {row.exact_key for row in present}
+            fresh: list[NewEntry] = []
+            for entry in entries:
+                if entry.exact_key not in taken:
+                    taken.add(entry.exact_key)
+                    fresh.append(entry)
+            return fresh, await _insert_entries(conn, fresh)
+
+        added, retired = await self._run(work)
+        if self._vectors is not None:
+            await self._vectors.add(added)
+            await self._vectors.remove(retired)
+        return added
+
     def record(
         self,
         outcome: str,
@@ -240,9 +278,40 @@ class CacheStore:
             self._wake.clear()
             try:
                 await self.flush()
+                await self._sync_if_due()
                 await self._snapshot_if_due()
             except StoreUnavailable as exc:
                 log.error("store write failed, will retry: %s", exc)
+
+    async def sync(self) -> tuple[int, int]:
+        """Follow what other processes changed in SQL; returns (entries indexed, withdrawn).
+
+        Entries written elsewhere (warm-up, other replicas) join the index; entries deleted
+        elsewhere leave it and the memory tier. Looks back ``SYNC_SLACK`` seconds past the
+        previous sync, for rows committed after the moment they were stamped with.
+        """
+        started = time.time()
+        since = self._synced_to - SYNC_SLACK
+        gone = await self._run(lambda conn: _all(conn, _DELETED_SINCE, {"since": since}))
+        for row in gone:
+            held = self._memory.get(row.exact_key)
+            if held is not None and held.entry_id == row.id:
+                self._memory.discard(row.exact_key)
+        added = 0
+        if self._vectors is not None:
+            fresh = await self._run(lambda conn: _all(conn, _EMBEDDED_SINCE, {"since": since}))
+            added = await self._vectors.add_from_sql(self._vectors.missing(r.id for r in fresh))
+            await self._vectors.remove(row.id for row in gone)
+        self._synced_to = started
+        return added, len(gone)
+
+    async def _sync_if_due(self) -> None:
+        if time.monotonic() - self._last_sync < self._sync_interval:
+            return
+        self._last_sync = time.monotonic()
+        added, withdrawn = await self.sync()
+        if added or withdrawn:
+            log.info("sync: %d entries indexed, %d withdrawn (written elsewhere)", added, withdrawn)
 
     async def _snapshot_if_due(self) -> None:
         if self._vectors is None:
@@ -305,14 +374,22 @@ _BY_EXACT_KEY = (
     .limit(1)
 )
 _BY_ID = _answer_query().where(Entry.id == bindparam("entry_id"))
+_DELETED_SINCE = select(Entry.id, Entry.exact_key).where(
+    Entry.deleted.is_(True), Entry.deleted_at >= bindparam("since")
+)
+_EMBEDDED_SINCE = select(Entry.id).where(
+    Entry.created_at >= bindparam("since"), Entry.deleted.is_(False), Entry.image_count > 0
+)
 
 
 async def _first(conn: AsyncConnection, query: Any, params: dict[str, Any] | None = None) -> Any:
     return (await conn.execute(query, params)).first()
 
 
-async def _all(conn: AsyncConnection, query: Any) -> list[Any]:
-    return list((await conn.execute(query)).all())
+async def _all(
+    conn: AsyncConnection, query: Any, params: dict[str, Any] | None = None
+) -> list[Any]:
+    return list((await conn.execute(query, params)).all())
 
 
 async def _insert_entries(conn: AsyncConnection, batch: list[NewEntry]) -> list[int]:

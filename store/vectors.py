@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +160,21 @@ class VectorKeeper:
         except (SQLAlchemyError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
 
-    async def _load_vectors(self, since: float, progress: Callable[[int], None] | None) -> int:
+    def missing(self, entry_ids: Iterable[int]) -> list[int]:
+        """Those of ``entry_ids`` that are not indexed."""
+        return [i for i in entry_ids if i not in self._index]
+
+    async def add_from_sql(self, entry_ids: Sequence[int]) -> int:
+        """Index the vectors of these entries as SQL holds them (entries other processes wrote)."""
+        added = 0
+        for start in range(0, len(entry_ids), _STREAM_ROWS):
+            chunk = list(entry_ids[start : start + _STREAM_ROWS])
+            added += await self._load_vectors(0.0, None, Entry.id.in_(chunk))
+        return added
+
+    async def _load_vectors(
+        self, since: float, progress: Callable[[int], None] | None, *where: Any
+    ) -> int:
         query = (
             select(
                 Entry.id,
@@ -172,7 +186,7 @@ class VectorKeeper:
             )
             .join(EntryImage, EntryImage.entry_id == Entry.id)
             .where(EntryImage.embedder == self._config.embedder, Entry.deleted.is_(False))
-            .where(Entry.created_at >= since)
+            .where(Entry.created_at >= since, *where)
             .order_by(Entry.id, EntryImage.position)
             .execution_options(yield_per=_STREAM_ROWS)
         )
