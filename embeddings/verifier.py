@@ -219,6 +219,13 @@ def make_thumbnail(image: Image.Image) -> bytes:
     return _HEADER.pack(_MAGIC, size[0], size[1]) + encoded.tobytes()
 
 
+def thumbnail_jpeg(blob: bytes) -> bytes:
+    """The JPEG picture inside a stored thumbnail (for people to look at)."""
+    if len(blob) < _HEADER.size or blob[:4] != _MAGIC:
+        raise ImageDecodeError("not a vlcache thumbnail")
+    return blob[_HEADER.size :]
+
+
 def _parse(blob: bytes) -> F32:
     if len(blob) <= _HEADER.size or blob[:4] != _MAGIC:
         raise ImageDecodeError("not a verifier thumbnail")

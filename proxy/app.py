@@ -24,9 +24,13 @@ from PIL import Image
 from store.cache import CacheStore
 from store.vectors import IndexConfig
 
+from .accounting import Accounting
 from .batcher import MicroBatcher
 from .calls import Keyer
 from .fetch import ImageFetcher, create_fetch_session
+from .metrics import Metrics
+from .pricing import Pricing
+from .recorder import Recorder
 from .semantic import SemanticTier, embed_batch
 from .service import CacheService
 from .settings import Settings
@@ -41,6 +45,8 @@ log = logging.getLogger(__name__)
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", CacheStore)
 SERVICE = web.AppKey("service", CacheService)
+ACCOUNTING = web.AppKey("accounting", Accounting)
+SEMANTIC: web.AppKey[SemanticTier | None] = web.AppKey("semantic")
 
 
 def create_app(settings: Settings, *, embedder: Embedder | None = None) -> web.Application:
@@ -83,6 +89,38 @@ def _load_embedder(settings: Settings) -> Embedder:
     )
 
 
+async def load_pricing(settings: Settings) -> Pricing:
+    """The price table of ``--pricing`` (``PricingError`` when unreadable), or none."""
+    if settings.pricing is None:
+        return Pricing.none()
+    return await asyncio.to_thread(Pricing.load, settings.pricing)
+
+
+_GAUGES = {
+    "vlcache_entries": "Live cache entries (as of the last scrape's count).",
+    "vlcache_entries_bytes": "Bytes of the live entries' answers, vectors and thumbnails.",
+    "vlcache_index_vectors": "Entries in this process's vector index.",
+    "vlcache_embed_queue_depth": "Images waiting for the embedder.",
+    "vlcache_memory_tier_bytes": "Bytes of answers held in the memory tier.",
+}
+
+
+def _gauges(
+    accounting: Accounting, store: CacheStore, semantic: SemanticTier | None
+) -> Callable[[], dict[str, float]]:
+    def read() -> dict[str, float]:
+        entries, entry_bytes = accounting.entries
+        return {
+            "vlcache_entries": entries,
+            "vlcache_entries_bytes": entry_bytes,
+            "vlcache_index_vectors": store.vectors.size if store.vectors is not None else 0,
+            "vlcache_embed_queue_depth": semantic.queue_depth if semantic is not None else 0,
+            "vlcache_memory_tier_bytes": store.memory_bytes,
+        }
+
+    return read
+
+
 def index_config(settings: Settings, embedder: Embedder) -> IndexConfig:
     """Where the index of ``embedder`` keeps its snapshot."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", embedder.id)
@@ -99,6 +137,7 @@ def _resources(
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def resources(app: web.Application) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
+            pricing = await load_pricing(settings)
             embedder = given if given is not None else await open_embedder(settings)
             store = await CacheStore.open(
                 settings.database_url,
@@ -124,16 +163,33 @@ def _resources(
             semantic = None
             if embedder is not None:
                 semantic = await stack.enter_async_context(semantic_tier(settings, embedder))
+            recorder = None
+            if settings.record is not None:
+                recorder = Recorder(
+                    settings.record,
+                    max_bytes=settings.record_max_bytes,
+                    backups=settings.record_backups,
+                )
+                await recorder.start()
+                stack.push_async_callback(recorder.close)
+            accounting = Accounting(store, Metrics(pricing.currency), pricing)
+            accounting.metrics.add_gauges(_gauges(accounting, store, semantic), _GAUGES)
             service = CacheService(
                 settings,
                 store,
                 Upstream(upstream_session, settings.upstream),
                 Keyer(settings, fetcher),
+                accounting,
                 semantic,
+                recorder,
             )
+            # Stopped in reverse: answers still being stored are drained before the recorder
+            # and the store close.
             stack.push_async_callback(service.drain)
             app[STORE] = store
             app[SERVICE] = service
+            app[ACCOUNTING] = accounting
+            app[SEMANTIC] = semantic
             yield
 
     return resources

@@ -56,7 +56,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         return Settings(**given)
     except ValidationError as exc:
         problems = "; ".join(
-            f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+            (f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: " if e["loc"] else "")
+            + e["msg"].removeprefix("Value error, ")
             for e in exc.errors()
         )
         raise SystemExit(f"vlcache: invalid settings: {problems}") from None
@@ -92,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         "rebuild", help="rebuild the embedder's index from the database (SQL is the truth)"
     )
     _add_settings(rebuild, _STORE_SETTINGS + _EMBEDDER_SETTINGS)
+    stats = commands.add_parser(
+        "stats", help="print hit rate and savings from the database's ledger (all replicas)"
+    )
+    _add_settings(stats, (*_STORE_SETTINGS, "pricing"))
+    stats.add_argument(
+        "--json", action="store_true", help="print the same JSON document as the admin /stats"
+    )
     demo = commands.add_parser(
         "demo", help="run a scripted workload against a built-in stand-in model and print a table"
     )
@@ -110,7 +118,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         _configure_logging("WARNING")
         raise SystemExit(asyncio.run(run_demo(latency=args.latency)))
     settings = _settings(args)
-    _configure_logging(settings.log_level)
+    # A report on stdout: start-up chatter (migrations, FAISS loading) only when asked for.
+    quiet = args.command == "stats" and args.log_level is None
+    _configure_logging("WARNING" if quiet else settings.log_level)
     if args.command == "serve":
         from .server import serve
 
@@ -119,6 +129,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         from .server import migrate
 
         asyncio.run(migrate(settings))
+    elif args.command == "stats":
+        from .pricing import PricingError
+        from .server import print_stats
+
+        try:
+            asyncio.run(print_stats(settings, as_json=args.json))
+        except PricingError as exc:
+            raise SystemExit(f"vlcache: {exc}") from None
     elif args.command == "index":
         from .server import rebuild_index
 

@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 # The verifier compares thumbnails of a few hundred pixels: decode at least that large.
 DECODE_SIZE = 512
 _CANDIDATES_VERIFIED = 3
+# Candidates this far under the threshold are reported as near-misses (never served).
+NEAR_MISS_MARGIN = 0.05
+BELOW = "below threshold"
+REJECTED = "verifier rejected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +58,23 @@ class SemanticHit:
 
     answer: StoredAnswer
     similarity: float
+
+
+@dataclass(frozen=True, slots=True)
+class Closest:
+    """The nearest entry of a look-up that found no hit, and why it was not served."""
+
+    entry_id: int
+    similarity: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SemanticLookup:
+    """A semantic look-up's hit, or the closest near-miss (either may be None)."""
+
+    hit: SemanticHit | None
+    closest: Closest | None
 
 
 class SemanticTier:
@@ -76,6 +97,11 @@ class SemanticTier:
         self._max_pixels = max_pixels
         self._budget = budget
 
+    @property
+    def queue_depth(self) -> int:
+        """Images waiting for the embedder."""
+        return self._batcher.depth
+
     async def embed(self, images: Sequence[bytes]) -> EmbeddedImages:
         """Vectors and thumbnails of ``images``, within the time budget (``TimeoutError``)."""
         async with asyncio.timeout(self._budget):
@@ -97,11 +123,17 @@ class SemanticTier:
 
     async def lookup(
         self, store: CacheStore, namespace: str, fingerprint: str, query: EmbeddedImages
-    ) -> SemanticHit | None:
-        """The best verified near-duplicate entry of this question, if any."""
-        candidates = await store.find_similar(namespace, fingerprint, query.vectors, self.threshold)
+    ) -> SemanticLookup:
+        """The best verified near-duplicate entry of this question, and else the closest one."""
+        floor = max(self.threshold - NEAR_MISS_MARGIN, 0.0)
+        candidates = await store.find_similar(namespace, fingerprint, query.vectors, floor)
         loop = asyncio.get_running_loop()
+        closest = None
         for candidate in candidates[:_CANDIDATES_VERIFIED]:
+            if candidate.similarity < self.threshold:
+                # Best first: this and every later candidate is under the threshold.
+                closest = closest or Closest(candidate.entry_id, candidate.similarity, BELOW)
+                break
             stored = await store.thumbnails(candidate.entry_id)
             if len(stored) != len(query.thumbnails) or any(t is None for t in stored):
                 continue
@@ -114,11 +146,12 @@ class SemanticTier:
                     candidate.entry_id,
                     candidate.similarity,
                 )
+                closest = closest or Closest(candidate.entry_id, candidate.similarity, REJECTED)
                 continue
             answer = await store.answer_by_id(candidate.entry_id)
             if answer is not None:
-                return SemanticHit(answer, candidate.similarity)
-        return None
+                return SemanticLookup(SemanticHit(answer, candidate.similarity), None)
+        return SemanticLookup(None, closest)
 
 
 def _verify_all(query: Sequence[bytes], stored: Sequence[bytes | None]) -> bool:

@@ -5,17 +5,23 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from collections.abc import AsyncIterator, Callable
 
+import orjson
 from aiohttp import web
 from tqdm import tqdm
 
 from embeddings.errors import ModelLoadError
+from store.cache import CacheStore
 from store.database import create_engine, upgrade_schema
 from store.errors import StoreError
 from store.vectors import VectorKeeper
 
-from .app import create_app, index_config, open_embedder
+from .admin import STOPPING, create_admin_app
+from .app import create_app, index_config, load_pricing, open_embedder
+from .pricing import PricingError
 from .settings import Settings
+from .stats import TierInfo, format_table, stats_document
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +37,7 @@ def serve(settings: Settings) -> None:
     )
     # One INFO line per chat request comes from the cache service; the access log would double it.
     app = create_app(settings)
+    app.cleanup_ctx.append(_admin_listener(settings))
     app.on_startup.append(_freeze_heap)
     try:
         web.run_app(
@@ -41,9 +48,41 @@ def serve(settings: Settings) -> None:
             print=None,
             shutdown_timeout=30,
         )
-    except (ModelLoadError, StoreError) as exc:
+    except (ModelLoadError, StoreError, PricingError, OSError) as exc:
         # Start-up failures a person can fix: say what and how, without a traceback.
         raise SystemExit(f"vlcache: cannot start: {exc}") from None
+
+
+def _admin_listener(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Run the admin listener beside the proxy, on its resources (started after them, stopped
+    before them; ``/readyz`` says 503 from the moment the proxy starts shutting down)."""
+
+    async def admin_listener(app: web.Application) -> AsyncIterator[None]:
+        admin = create_admin_app(app)
+        app.on_shutdown.append(lambda _app: _set(admin[STOPPING]))
+        runner = web.AppRunner(admin, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, settings.admin_host, settings.admin_port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise OSError(
+                f"admin listener on {settings.admin_host}:{settings.admin_port}: {exc.strerror}"
+            ) from exc
+        log.info(
+            "admin listener on http://%s:%d (metrics, stats, dashboard%s)",
+            settings.admin_host,
+            settings.admin_port,
+            ", token required" if settings.admin_token else "",
+        )
+        yield
+        await runner.cleanup()
+
+    return admin_listener
+
+
+async def _set(event: asyncio.Event) -> None:
+    event.set()
 
 
 async def _freeze_heap(_app: web.Application) -> None:
@@ -79,3 +118,18 @@ async def migrate(settings: Settings) -> None:
     """Bring the configured database to the newest schema revision."""
     await upgrade_schema(settings.database_url)
     print(f"schema is at the newest revision ({settings.database_url.split('@')[-1]})")
+
+
+async def print_stats(settings: Settings, *, as_json: bool) -> None:
+    """Print the ledger's figures from the database (``vlcache stats``)."""
+    pricing = await load_pricing(settings)
+    store = await CacheStore.open(settings.database_url)
+    try:
+        document = await stats_document(store, pricing, TierInfo())
+    finally:
+        await store.close()
+    if as_json:
+        print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(f"vlcache stats ({settings.database_url.split('@')[-1]})")
+        print(format_table(document))

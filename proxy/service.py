@@ -30,11 +30,13 @@ from store.cache import CacheStore, new_entry_id
 from store.errors import StoreError
 from store.records import NewEntry, NewImage, StoredAnswer
 
+from .accounting import Accounting, NearMiss
 from .batcher import BatcherSaturated
 from .calls import CachedCall, Keyer, cache_directives
 from .errors import BodyTooLarge, ProxyError, Uncacheable
 from .failures import FailureLog
 from .protocol import read_answer
+from .recorder import Exchange, Recorder
 from .semantic import EmbeddedImages, SemanticHit, SemanticTier
 from .settings import Settings
 from .sse import StreamAssembler, replay_frames
@@ -58,10 +60,14 @@ class CacheService:
         store: CacheStore,
         upstream: Upstream,
         keyer: Keyer,
+        accounting: Accounting,
         semantic: SemanticTier | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
+        self._accounting = accounting
+        self._recorder = recorder
         self._upstream = upstream
         self._keyer = keyer
         self._semantic = semantic
@@ -97,17 +103,17 @@ class CacheService:
             call = await self._keyer.key(request.headers, body)
         except Uncacheable as exc:
             log.info("cache=bypass reason=%r path=%s", str(exc), request.path)
-            self._store.record("bypass", self._keyer.namespace(request.headers), "")
+            self._accounting.count("bypass", self._keyer.namespace(request.headers), "")
             return await self._pass_through(request, body)
         except Exception:
-            self._failures.report("keying a chat request failed")
+            self._fail("keying", "keying a chat request failed")
             return await self._pass_through(request, body)
         if call is None:
             return await self._pass_through(request, body)
         self._remember(body_key, call)
         if call.chat.stream and call.chat.format != "openai":
             # Native (DashScope) streaming is relayed untouched; its frames are not cached yet.
-            self._store.record("bypass", call.namespace, call.chat.model)
+            self._accounting.count("bypass", call.namespace, call.chat.model)
             return await self._pass_through(request, body)
         # A known body was looked up above under this very exact key: a miss there is a miss here.
         if call.lookup and not looked_up:
@@ -120,7 +126,9 @@ class CacheService:
             # shared; otherwise (error, not cacheable) ask the model ourselves.
             shared = await asyncio.shield(leader)
             if shared is not None:
-                return await self._serve_hit(request, call, shared, started, "coalesced", None)
+                return await self._serve_hit(
+                    request, body, call, shared, started, "coalesced", None
+                )
             response, _ = await self._answer_miss(request, body, call, started)
             return response
         future: asyncio.Future[StoredAnswer | None] = asyncio.get_running_loop().create_future()
@@ -144,7 +152,7 @@ class CacheService:
             hit = await self._lookup_semantic(call, embedded)
             if hit is not None:
                 response = await self._serve_hit(
-                    request, call, hit.answer, started, "semantic", hit.similarity
+                    request, body, call, hit.answer, started, "semantic", hit.similarity
                 )
                 return response, hit.answer
         return await self._forward_miss(request, body, call, embedded)
@@ -173,20 +181,23 @@ class CacheService:
         self, request: web.Request, body: bytes, call: CachedCall, started: float
     ) -> web.StreamResponse | None:
         """The exact tier's answer (or the upstream's, when the store is down); None on a miss."""
+        looking = time.perf_counter()
         try:
             answer = await self._store.find_exact(call.exact_key)
         except StoreError:
             return await self._fail_open(request, body, call)
+        finally:
+            self._accounting.metrics.lookup_seconds.observe(time.perf_counter() - looking)
         if answer is None:
             return None
-        return await self._serve_hit(request, call, answer, started, "exact", None)
+        return await self._serve_hit(request, body, call, answer, started, "exact", None)
 
     async def _fail_open(
         self, request: web.Request, body: bytes, call: CachedCall
     ) -> web.StreamResponse:
         """The store is down: answer from the upstream untouched, store nothing."""
-        self._failures.report("cache store unavailable, answering from the upstream")
-        self._store.record("bypass", call.namespace, call.chat.model)
+        self._fail("store", "cache store unavailable, answering from the upstream")
+        self._accounting.count("bypass", call.namespace, call.chat.model)
         return await self._pass_through(request, body)
 
     def _wants_semantic_lookup(self, call: CachedCall) -> bool:
@@ -201,15 +212,18 @@ class CacheService:
     async def _embed(self, call: CachedCall) -> EmbeddedImages | None:
         if self._semantic is None or not call.image_data:
             return None
+        embedding = time.perf_counter()
         try:
-            return await self._semantic.embed(call.image_data)
+            embedded = await self._semantic.embed(call.image_data)
+            self._accounting.metrics.embed_seconds.observe(time.perf_counter() - embedding)
+            return embedded
         except (TimeoutError, BatcherSaturated, ImageDecodeError) as exc:
             # Busy, slow, or an image that is not one (bomb, SVG, corrupt): a client matter,
             # not a failure of the tier. The request goes on without the semantic tier.
             log.info("cache=semantic-skipped reason=%s", type(exc).__name__)
             return None
         except Exception:
-            self._failures.report("embedding failed, answering without the semantic tier")
+            self._fail("embedder", "embedding failed, answering without the semantic tier")
             return None
 
     def _embed_beside(self, call: CachedCall) -> asyncio.Task[EmbeddedImages | None] | None:
@@ -221,20 +235,37 @@ class CacheService:
     async def _lookup_semantic(
         self, call: CachedCall, embedded: EmbeddedImages
     ) -> SemanticHit | None:
-        assert self._semantic is not None
+        semantic = self._semantic
+        assert semantic is not None
+        looking = time.perf_counter()
         try:
-            return await self._semantic.lookup(
-                self._store, call.namespace, call.fingerprint, embedded
-            )
+            found = await semantic.lookup(self._store, call.namespace, call.fingerprint, embedded)
         except StoreError:
-            self._failures.report("semantic lookup failed, answering from the upstream")
+            self._fail("store", "semantic lookup failed, answering from the upstream")
+            return None
         except Exception:
-            self._failures.report("semantic verification failed, answering from the upstream")
-        return None
+            self._fail("index", "semantic verification failed, answering from the upstream")
+            return None
+        finally:
+            self._accounting.metrics.lookup_seconds.observe(time.perf_counter() - looking)
+        if found.closest is not None:
+            closest = found.closest
+            self._accounting.near_miss(
+                NearMiss(
+                    at=time.time(),
+                    model=call.chat.model,
+                    similarity=closest.similarity,
+                    threshold=semantic.threshold,
+                    entry_id=closest.entry_id,
+                    reason=closest.reason,
+                )
+            )
+        return found.hit
 
     async def _serve_hit(
         self,
         request: web.Request,
+        body: bytes,
         call: CachedCall,
         answer: StoredAnswer,
         started: float,
@@ -242,10 +273,11 @@ class CacheService:
         similarity: float | None,
     ) -> web.StreamResponse:
         elapsed_ms = (time.perf_counter() - started) * 1000
-        self._store.record(
+        self._accounting.count(
             f"hit_{match}",
             call.namespace,
             call.chat.model,
+            seconds=elapsed_ms / 1000,
             prompt_tokens=answer.prompt_tokens,
             completion_tokens=answer.completion_tokens,
             time_ms=max(answer.upstream_ms - elapsed_ms, 0.0),
@@ -267,6 +299,17 @@ class CacheService:
             answer.entry_id,
             call.chat.model,
             elapsed_ms,
+        )
+        self._record(
+            request,
+            body,
+            call,
+            "HIT",
+            match,
+            elapsed_ms,
+            answer.status,
+            answer.content_type,
+            answer.body,
         )
         if call.chat.stream:
             return await _replay(request, call, answer, headers)
@@ -295,6 +338,10 @@ class CacheService:
         out_headers.popall("Content-Length", None)
         out_headers["X-Cache"] = "MISS"
         entry = self._cacheable_entry(call, status, out_headers, answer_body, upstream_ms)
+        content_type = out_headers.get("Content-Type", "application/json")
+        self._record(
+            request, body, call, "MISS", None, upstream_ms, status, content_type, answer_body
+        )
         self._keep_or_drop(entry, embedding)
         if entry is not None:
             out_headers["X-Cache-Entry"] = str(entry.entry_id)
@@ -338,8 +385,18 @@ class CacheService:
             answer = orjson.dumps(assembler.completion())
             synthetic: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
             entry = self._cacheable_entry(call, 200, synthetic, answer, upstream_ms)
+            self._record(
+                request, body, call, "MISS", None, upstream_ms, 200, "application/json", answer
+            )
         else:
-            self._store.record("miss", call.namespace, call.chat.model, time_ms=upstream_ms)
+            self._accounting.metrics.upstream_seconds.observe(upstream_ms / 1000)
+            self._accounting.count(
+                "miss",
+                call.namespace,
+                call.chat.model,
+                seconds=upstream_ms / 1000,
+                time_ms=upstream_ms,
+            )
         self._keep_or_drop(entry, embedding)
         log.info(
             "cache=miss stream=true complete=%s stored=%s model=%s upstream_ms=%.1f",
@@ -358,7 +415,7 @@ class CacheService:
     ) -> web.Response:
         if isinstance(embedding, asyncio.Task):
             embedding.cancel()
-        self._store.record("error", call.namespace, call.chat.model)
+        self._accounting.count("error", call.namespace, call.chat.model)
         log.warning("cache=miss upstream_error=%s model=%s", exc.code, call.chat.model)
         return exc.response()
 
@@ -383,10 +440,12 @@ class CacheService:
     ) -> NewEntry | None:
         """Count the miss; the entry to store, or None when the answer is not cacheable."""
         facts = read_answer(call.chat.format, body) if status == 200 else None
-        self._store.record(
+        self._accounting.metrics.upstream_seconds.observe(upstream_ms / 1000)
+        self._accounting.count(
             "miss",
             call.namespace,
             call.chat.model,
+            seconds=upstream_ms / 1000,
             prompt_tokens=facts.prompt_tokens if facts else 0,
             completion_tokens=facts.completion_tokens if facts else 0,
             time_ms=upstream_ms,
@@ -438,6 +497,47 @@ class CacheService:
         task = asyncio.create_task(finish())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _fail(self, component: str, what: str) -> None:
+        """A cache component failed (inside ``except``): count it, log it once per burst."""
+        self._accounting.failure(component)
+        self._failures.report(what)
+
+    def _record(
+        self,
+        request: web.Request,
+        body: bytes,
+        call: CachedCall,
+        cache: str,
+        match: str | None,
+        latency_ms: float,
+        status: int,
+        content_type: str,
+        answer: bytes,
+    ) -> None:
+        """Append the exchange to the ``--record`` file, when recording."""
+        if self._recorder is None:
+            return
+        written = self._recorder.write(
+            Exchange(
+                namespace=call.namespace,
+                method=request.method,
+                path=request.path,
+                request_format=call.chat.format,
+                model=call.chat.model,
+                stream=call.chat.stream,
+                cache=cache,
+                match=match,
+                latency_ms=latency_ms,
+                request=body,
+                status=status,
+                content_type=content_type,
+                response=answer,
+                at=time.time(),
+            )
+        )
+        if not written:
+            self._accounting.failure("recorder")
 
     @property
     def _embedder_id(self) -> str | None:

@@ -22,6 +22,7 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from . import reports
 from .database import create_engine, upgrade_schema
 from .errors import StoreUnavailable
 from .index import Candidate
@@ -113,6 +114,11 @@ class CacheStore:
         )
         store._writer = asyncio.create_task(store._write_forever(), name="vlcache-store-writer")
         return store
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of answers held in the memory tier."""
+        return self._memory.bytes
 
     @property
     def vectors(self) -> VectorKeeper | None:
@@ -229,6 +235,67 @@ class CacheStore:
             await self._vectors.remove(retired)
         return added
 
+    async def ping(self) -> None:
+        """Reach the database once (``StoreUnavailable`` when it cannot be reached)."""
+        await self._run(lambda conn: conn.execute(select(1)))
+
+    async def ledger_report(self, since_hour: int) -> reports.LedgerReport:
+        """Ledger sums overall, per model and per hour since ``since_hour``."""
+        return await self._run(lambda conn: reports.ledger_report(conn, since_hour))
+
+    async def entry_totals(self) -> tuple[int, int]:
+        """(live entries, their bytes)."""
+        return await self._run(reports.entry_totals)
+
+    async def top_entries(self, limit: int = 10) -> list[reports.EntrySummary]:
+        """Live entries with the most hits (counters as of the last flush)."""
+        return await self._run(lambda conn: reports.top_entries(conn, limit))
+
+    async def list_entries(
+        self, where: reports.EntryFilter, *, limit: int = 50, before_id: int | None = None
+    ) -> list[reports.EntrySummary]:
+        """Live entries matching ``where``, newest first (``before_id``: the next page)."""
+        return await self._run(
+            lambda conn: reports.list_entries(conn, where, limit=limit, before_id=before_id)
+        )
+
+    async def entry(self, entry_id: int) -> reports.EntryDetail | None:
+        """One live entry in full."""
+        return await self._run(lambda conn: reports.entry_detail(conn, entry_id))
+
+    async def thumbnail(self, entry_id: int, position: int) -> bytes | None:
+        """The verifier thumbnail stored for one image of a live entry."""
+        return await self._run(lambda conn: reports.thumbnail(conn, entry_id, position))
+
+    async def delete(self, entry_id: int) -> bool:
+        """Delete one entry (tombstone, memory tier, index); False when it was not live."""
+        return await self._tombstone([Entry.id == entry_id, Entry.deleted.is_(False)]) > 0
+
+    async def purge(self, where: reports.EntryFilter) -> int:
+        """Delete every live entry ``where`` selects; returns how many."""
+        if where.empty:
+            raise ValueError("a purge needs at least one condition")
+        return await self._tombstone(where.conditions())
+
+    async def _tombstone(self, conditions: list[Any]) -> int:
+        # Entries still queued for writing must be in SQL first, or they would outlive the purge.
+        await self.flush()
+        statement = (
+            update(Entry)
+            .where(*conditions)
+            .values(deleted=True, deleted_at=time.time())
+            .returning(Entry.id, Entry.exact_key)
+            .execution_options(synchronize_session=False)
+        )
+        rows = await self._run(lambda conn: _all(conn, statement))
+        for row in rows:
+            held = self._memory.get(row.exact_key)
+            if held is not None and held.entry_id == row.id:
+                self._memory.discard(row.exact_key)
+        if self._vectors is not None:
+            await self._vectors.remove(row.id for row in rows)
+        return len(rows)
+
     def record(
         self,
         outcome: str,
@@ -237,6 +304,7 @@ class CacheStore:
         *,
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
+        cost: float = 0.0,
         time_ms: float = 0.0,
         entry_id: int | None = None,
     ) -> None:
@@ -247,6 +315,7 @@ class CacheStore:
             model,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
+            cost=cost,
             time_ms=time_ms,
             entry_id=entry_id,
         )

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from .models import Entry, LedgerRow
 
 LedgerKey = tuple[int, str, str, str]  # hour, namespace, model, outcome
+SUMMED = ("requests", "prompt_tokens", "completion_tokens", "cost", "time_ms")
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Tally:
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cost: float = 0.0
     time_ms: float = 0.0
 
     def merge(self, other: Tally) -> None:
@@ -32,6 +34,7 @@ class Tally:
         self.requests += other.requests
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
+        self.cost += other.cost
         self.time_ms += other.time_ms
 
 
@@ -56,8 +59,7 @@ class Counters:
             stmt = stmt.on_conflict_do_update(
                 index_elements=["hour", "namespace", "model", "outcome"],
                 set_={
-                    name: getattr(LedgerRow, name) + getattr(stmt.excluded, name)
-                    for name in ("requests", "prompt_tokens", "completion_tokens", "time_ms")
+                    name: getattr(LedgerRow, name) + getattr(stmt.excluded, name) for name in SUMMED
                 },
             )
             await conn.execute(
@@ -71,7 +73,7 @@ class Counters:
                         "requests": t.requests,
                         "prompt_tokens": t.prompt_tokens,
                         "completion_tokens": t.completion_tokens,
-                        "cost": 0.0,
+                        "cost": t.cost,
                         "time_ms": t.time_ms,
                     }
                     for (hour, namespace, model, outcome), t in self.rows.items()
@@ -107,6 +109,7 @@ class Ledger:
         *,
         prompt_tokens: int,
         completion_tokens: int,
+        cost: float,
         time_ms: float,
         entry_id: int | None,
     ) -> None:
@@ -116,7 +119,7 @@ class Ledger:
         tally = self._current.rows.get(key)
         if tally is None:
             tally = self._current.rows[key] = Tally()
-        tally.merge(Tally(1, prompt_tokens, completion_tokens, time_ms))
+        tally.merge(Tally(1, prompt_tokens, completion_tokens, cost, time_ms))
         if entry_id is not None:
             count, _ = self._current.hits.get(entry_id, (0, now))
             self._current.hits[entry_id] = (count + 1, now)

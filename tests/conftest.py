@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestServer
 from blockbuster import blockbuster_ctx
 from PIL import Image
 
+from proxy.admin import create_admin_app
 from proxy.app import create_app
 from proxy.settings import Settings
 from tests.fakes import FakeUpstream
@@ -97,6 +98,19 @@ async def make_proxy(
         }
         fields.update(overrides)
         return await aiohttp_server(create_app(Settings(**fields)))
+
+    return start
+
+
+AdminFactory = Callable[[TestServer], Awaitable[TestServer]]
+
+
+@pytest.fixture
+async def make_admin(aiohttp_server: Any) -> AdminFactory:
+    """Start the admin listener of a started proxy (as ``vlcache serve`` does beside it)."""
+
+    async def start(proxy: TestServer) -> TestServer:
+        return await aiohttp_server(create_admin_app(proxy.app))
 
     return start
 

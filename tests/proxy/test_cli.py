@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -58,13 +60,18 @@ async def test_demo_runs_offline_and_every_outcome_is_as_scripted() -> None:
     assert "model calls" in out
 
 
-async def start_serve(port: int, upstream_url: str, data_dir: Path) -> asyncio.subprocess.Process:
-    """``vlcache serve`` as a real process, once it answers."""
+async def start_serve(
+    port: int, upstream_url: str, data_dir: Path, *extra: str, admin_port: int = 0
+) -> asyncio.subprocess.Process:
+    """``vlcache serve`` as a real process, once it answers (admin listener on ``admin_port``)."""
     process = await asyncio.create_subprocess_exec(
         *VLCACHE,
         "serve",
         "--port",
         str(port),
+        "--admin-port",
+        str(admin_port),
+        *extra,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         env={
@@ -191,3 +198,66 @@ async def test_index_rebuild_reads_sql_with_a_progress_bar(
     assert "indexed 1 entries" in out or "indexed 2 entries" in out
     assert "100%" in out  # tqdm's bar reached the end
     assert snapshot.exists()
+
+
+async def test_a_public_admin_listener_needs_a_token(tmp_path: Path) -> None:
+    code, out = await _run("serve", "--admin-host", "0.0.0.0", "--data-dir", str(tmp_path / "d"))
+    assert code != 0
+    assert "--admin-token" in out and "Traceback" not in out
+
+
+async def test_admin_listener_beside_serve_and_stats_from_the_database(
+    upstream: tuple[FakeUpstream, TestServer],
+    unused_tcp_port_factory: Callable[[], int],
+    tmp_path: Path,
+) -> None:
+    _, server = upstream
+    port, admin_port = unused_tcp_port_factory(), unused_tcp_port_factory()
+    prices = tmp_path / "prices.toml"
+    prices.write_text(
+        'currency = "EUR"\n[models."qwen3-vl-8b-instruct"]\n'
+        "input_per_million = 1.0\noutput_per_million = 2.0\n"
+    )
+    data = tmp_path / "d"
+    process = await start_serve(
+        port, str(server.make_url("/")), data, "--pricing", str(prices), admin_port=admin_port
+    )
+    request = openai_chat("Which model?", data_uri(jpeg_bytes(42)))
+    try:
+        async with aiohttp.ClientSession() as client:
+            for _ in range(3):
+                async with client.post(
+                    f"http://127.0.0.1:{port}/v1/chat/completions", json=request
+                ) as r:
+                    await r.read()
+            admin = f"http://127.0.0.1:{admin_port}"
+            async with client.get(admin + "/metrics") as r:
+                assert 'vlcache_requests_total{outcome="hit_exact"} 2.0' in await r.text()
+            async with client.get(admin + "/dashboard") as r:
+                assert r.status == 200 and r.content_type == "text/html"
+            async with client.get(admin + "/readyz") as r:
+                assert r.status == 200
+    finally:
+        process.terminate()
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    assert f"admin listener on http://127.0.0.1:{admin_port}" in err.decode()
+
+    code, out = await _run("stats", "--data-dir", str(data), "--pricing", str(prices))
+    assert code == 0, out
+    assert "hit rate 66.7%" in out and "qwen3-vl-8b-instruct" in out and "EUR" in out
+    code, out = await _run("stats", "--data-dir", str(data), "--json")
+    assert code == 0, out
+    document = json.loads(out)
+    assert document["outcomes"]["hit_exact"] == 2 and document["outcomes"]["miss"] == 1
+    saved = document["saved"]
+    assert saved["cost"] == pytest.approx(2 * (1200 * 1.0 + 40 * 2.0) / 1e6)
+    assert document["windows"] == "ledger" and document["requests"]["1h"] == 3
+
+
+async def test_a_bad_price_table_is_a_clear_error(tmp_path: Path) -> None:
+    prices = tmp_path / "prices.toml"
+    prices.write_text('currency = "USD"\n[models.m]\ninput_per_million = -1\n')
+    code, out = await _run("stats", "--data-dir", str(tmp_path / "d"), "--pricing", str(prices))
+    assert code != 0 and "Traceback" not in out
+    assert "models.m.input_per_million" in out and "output_per_million" in out

@@ -11,10 +11,10 @@ from aiohttp.test_utils import TestServer
 from PIL import Image
 
 from embeddings.embedder import Embedder, load_embedder
-from proxy.app import STORE, create_app, settle
+from proxy.app import ACCOUNTING, STORE, create_app, settle
 from proxy.demo import product_photo, reencoded
 from proxy.settings import Settings
-from tests.conftest import data_uri, openai_chat
+from tests.conftest import AdminFactory, data_uri, openai_chat
 from tests.fakes import FakeUpstream
 
 ASK = "What phone is this? Does it support 5G?"
@@ -99,6 +99,10 @@ async def test_near_duplicates_hit_and_edited_or_other_pictures_miss(
     assert len(fake.chat_calls) == 1
 
     assert (await ask(client, semantic_proxy, photos["phone_3999"]))["X-Cache"] == "MISS"
+    # The dashboard's near-misses: similar enough, but the verifier saw the changed price.
+    near = semantic_proxy.app[ACCOUNTING].near_misses[-1]
+    assert (near.reason, str(near.entry_id)) == ("verifier rejected", first["X-Cache-Entry"])
+    assert near.similarity >= near.threshold
     assert (await ask(client, semantic_proxy, photos["tablet"]))["X-Cache"] == "MISS"
     # Same picture, other question or other tenant: never a semantic hit.
     other_question = await ask(client, semantic_proxy, photos["phone_q60"], "Is it waterproof?")
@@ -164,3 +168,29 @@ async def test_hostile_images_never_reach_the_index(
     store = semantic_proxy.app[STORE]
     assert store.vectors is not None and store.vectors.size == 1
     assert len(fake.chat_calls) == 4
+
+
+async def test_a_deleted_entry_leaves_the_index(
+    semantic_proxy: TestServer,
+    make_admin: AdminFactory,
+    upstream: tuple[FakeUpstream, TestServer],
+    client: aiohttp.ClientSession,
+    photos: dict[str, bytes],
+) -> None:
+    fake, _ = upstream
+    admin = await make_admin(semantic_proxy)
+    first = await ask(client, semantic_proxy, photos["phone"])
+    await settle(semantic_proxy.app)
+    store = semantic_proxy.app[STORE]
+    assert store.vectors is not None and store.vectors.size == 1
+    async with client.get(admin.make_url(f"/entries/{first['X-Cache-Entry']}")) as response:
+        thumbnail = (await response.json())["image_list"][0]["thumbnail"]
+    async with client.get(admin.make_url(thumbnail)) as response:
+        assert response.content_type == "image/jpeg"
+        assert Image.open(io.BytesIO(await response.read())).mode == "L"
+
+    async with client.delete(admin.make_url(f"/entries/{first['X-Cache-Entry']}")) as response:
+        assert response.status == 200
+    assert store.vectors.size == 0
+    assert (await ask(client, semantic_proxy, photos["phone_q60"]))["X-Cache"] == "MISS"
+    assert len(fake.chat_calls) == 2
