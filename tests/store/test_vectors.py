@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
 
 from store.cache import CacheStore, new_entry_id
 from store.records import NewEntry, NewImage
+from store.reports import EntryFilter
 from store.vectors import IndexConfig
 
 DIM = 32
@@ -96,3 +99,48 @@ async def test_restart_loads_snapshot_and_catches_up_with_other_writers(
         assert keeper.size == 2
     finally:
         await store.close()
+
+
+async def test_a_running_store_follows_entries_and_deletions_made_elsewhere(
+    db_url: str, tmp_path: Path
+) -> None:
+    running = await CacheStore.open(
+        db_url, flush_interval=0.05, sync_interval=0.05, index=config(tmp_path)
+    )
+    other = await CacheStore.open(db_url, flush_interval=60)  # a warm-up, another replica
+    try:
+        served = entry(20)
+        running.add(served)
+        await running.flush()
+        assert (await running.find_exact("exact-20")) is not None  # now in its memory tier
+
+        imported = await other.import_entries([entry(21), entry(22, key="exact-20")])
+        assert [e.exact_key for e in imported] == ["exact-21"]  # exact-20 already holds one
+        assert await other.import_entries([entry(21)]) == []  # idempotent by exact key
+
+        async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
+            for _ in range(100):
+                if await check():
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("the running store did not follow")
+
+        async def indexed() -> bool:
+            found = await running.find_similar("key:tenant", "q1", vector(21)[None, :], 0.99)
+            return [c.entry_id for c in found] == [imported[0].entry_id]
+
+        await eventually(indexed)
+        assert await other.delete(served.entry_id)
+        assert await other.purge(EntryFilter(question_contains="what is")) == 1
+
+        async def withdrawn() -> bool:
+            keeper = running.vectors
+            return keeper is not None and keeper.size == 0
+
+        await eventually(withdrawn)
+        # Deleted elsewhere: gone from the running store's memory tier too.
+        assert await running.find_exact("exact-20") is None
+        assert await running.find_exact("exact-21") is None
+    finally:
+        await other.close()
+        await running.close()
