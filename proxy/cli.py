@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--latency", type=float, default=0.8, help="stand-in model's answer time in seconds"
     )
+    demo.add_argument(
+        "--linger",
+        action="store_true",
+        help="keep the demo's proxy and dashboard up after the workload (until Ctrl-C)",
+    )
     return parser
 
 
@@ -116,7 +121,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from .demo import run_demo
 
         _configure_logging("WARNING")
-        raise SystemExit(asyncio.run(run_demo(latency=args.latency)))
+        try:
+            raise SystemExit(asyncio.run(run_demo(latency=args.latency, linger=args.linger)))
+        except KeyboardInterrupt:
+            raise SystemExit(0) from None
     settings = _settings(args)
     # A report on stdout: start-up chatter (migrations, FAISS loading) only when asked for.
     quiet = args.command == "stats" and args.log_level is None

