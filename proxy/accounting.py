@@ -75,6 +75,7 @@ class Accounting:
         self.near_misses: deque[NearMiss] = deque(maxlen=_NEAR_MISSES_KEPT)
         self.started_at = time.time()
         self.entries = (0, 0)  # live entries and their bytes, as last read from the store
+        self.last_failure: dict[str, float] = {}  # component -> when it last failed
         self._store = store
 
     def count(
@@ -118,6 +119,7 @@ class Accounting:
     def failure(self, component: str) -> None:
         """Count one failure of a cache component (the request was answered anyway)."""
         self.metrics.failures.labels(component).inc()
+        self.last_failure[component] = time.time()
 
     def near_miss(self, miss: NearMiss) -> None:
         """Remember a near-miss for the dashboard."""

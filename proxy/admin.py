@@ -52,6 +52,7 @@ _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 _COOKIE = "vlcache_admin"
 _MAX_LIST = 500
 _HEALTH_TIMEOUT = 2.0
+_RECENT_FAILURE = 60.0  # an embedder that failed this recently is reported as failing
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -206,8 +207,17 @@ async def healthz(request: web.Request) -> web.Response:
     except (StoreError, TimeoutError) as exc:
         store_state = f"unavailable: {exc or 'no answer in time'}"
     semantic = proxy[SEMANTIC]
-    embedder_state = "off" if semantic is None else f"ok ({semantic.embedder.id})"
-    healthy = store_state == "ok"
+    if semantic is None:
+        embedder_state = "off"
+    else:
+        failed = proxy[ACCOUNTING].last_failure.get("embedder")
+        recent = failed is not None and time.time() - failed < _RECENT_FAILURE
+        embedder_state = (
+            f"failing ({semantic.embedder.id}: last error {time.time() - failed:.0f} s ago)"
+            if recent and failed is not None
+            else f"ok ({semantic.embedder.id})"
+        )
+    healthy = store_state == "ok" and embedder_state.startswith(("ok", "off"))
     return _json(
         {
             "status": "ok" if healthy else "degraded",

@@ -15,7 +15,8 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from embeddings.keys import namespace_for
-from proxy.app import settle
+from proxy.app import create_app, settle
+from proxy.settings import Settings
 from tests.conftest import (
     PG_ADMIN_URL,
     AdminFactory,
@@ -325,3 +326,40 @@ async def test_health_reports_a_broken_store_and_stats_say_503(
     finally:
         await pg.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await pg.close()
+
+
+class BrokenEmbedder:
+    """An embedder whose every forward pass fails (a driver error, a corrupt model)."""
+
+    id = "test/broken"
+    dim = 8
+    default_threshold = 0.9
+
+    def embed(self, images: object) -> object:
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+
+async def test_a_failing_embedder_shows_in_health_and_metrics_while_answers_flow(
+    aiohttp_server: Any,
+    make_admin: AdminFactory,
+    upstream: tuple[FakeUpstream, TestServer],
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    settings = Settings(
+        upstream=str(upstream[1].make_url("/")), data_dir=tmp_path / "data", embedder="clip"
+    )
+    proxy = await aiohttp_server(create_app(settings, embedder=BrokenEmbedder()))
+    admin = await make_admin(proxy)
+    _, health = await admin_get(client, admin, "/healthz")
+    assert (health["status"], health["embedder"]) == ("ok", "ok (test/broken)")
+    photo = data_uri(jpeg_bytes(9, size=(200, 150)))
+    await ask(client, proxy, openai_chat("What phone is this?", photo))
+    await settle(proxy.app)
+    # The question now has an exact entry; a new picture for it must be embedded to look up.
+    headers = await ask(client, proxy, openai_chat("What phone is this?", data_uri(jpeg_bytes(8))))
+    assert headers["X-Cache"] == "MISS"
+    _, health = await admin_get(client, admin, "/healthz")
+    assert health["status"] == "degraded" and health["embedder"].startswith("failing")
+    _, text = await admin_get(client, admin, "/metrics")
+    assert samples(text)[("vlcache_failures_total", (("component", "embedder"),))] >= 1
