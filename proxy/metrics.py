@@ -72,6 +72,8 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        for kind in ("prompt", "completion"):
+            self.saved_tokens.labels(kind)
         self.saved_cost = Counter(
             "vlcache_saved_cost",
             "Cost of the saved tokens, from the price table (0 without one).",
@@ -109,6 +111,9 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        # Every series exists from the start: rate() and ratios need no "absent" special cases.
+        for outcome in OUTCOMES:
+            self.request_seconds.labels(outcome)
 
     def add_gauges(self, read: Gauges, help_texts: dict[str, str]) -> None:
         """Expose the values ``read()`` returns at scrape time as gauges named by its keys."""
