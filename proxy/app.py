@@ -22,6 +22,7 @@ from aiohttp import web
 from PIL import Image
 
 from store.cache import CacheStore
+from store.maintenance import Retention
 from store.vectors import IndexConfig
 
 from .accounting import Accounting
@@ -105,6 +106,25 @@ _GAUGES = {
 }
 
 
+_MAINTENANCE = {
+    "vlcache_expired_entries": "Entries whose TTL ran out (tombstoned by this process).",
+    "vlcache_evicted_entries": "Least recently hit entries evicted over --max-entries/--max-bytes.",
+    "vlcache_vacuumed_rows": "Tombstoned entries removed from the database.",
+}
+
+
+def _maintenance_counters(store: CacheStore) -> Callable[[], dict[str, float]]:
+    def read() -> dict[str, float]:
+        done = store.maintained
+        return {
+            "vlcache_expired_entries": done.expired,
+            "vlcache_evicted_entries": done.evicted,
+            "vlcache_vacuumed_rows": done.vacuumed,
+        }
+
+    return read
+
+
 def _gauges(
     accounting: Accounting, store: CacheStore, semantic: SemanticTier | None
 ) -> Callable[[], dict[str, float]]:
@@ -145,6 +165,12 @@ def _resources(
                 flush_interval=settings.flush_interval,
                 snapshot_interval=settings.snapshot_interval,
                 sync_interval=settings.sync_interval,
+                retention=Retention(
+                    max_entries=settings.max_entries,
+                    max_bytes=settings.max_bytes,
+                    interval=settings.maintenance_interval,
+                    vacuum_after=settings.vacuum_after,
+                ),
                 index=index_config(settings, embedder) if embedder is not None else None,
             )
             stack.push_async_callback(store.close)
@@ -174,6 +200,7 @@ def _resources(
                 stack.push_async_callback(recorder.close)
             accounting = Accounting(store, Metrics(pricing.currency), pricing)
             accounting.metrics.add_gauges(_gauges(accounting, store, semantic), _GAUGES)
+            accounting.metrics.add_counters(_maintenance_counters(store), _MAINTENANCE)
             service = CacheService(
                 settings,
                 store,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 OUTCOMES = ("hit_exact", "hit_semantic", "hit_coalesced", "miss", "bypass", "error")
@@ -117,7 +117,11 @@ class Metrics:
 
     def add_gauges(self, read: Gauges, help_texts: dict[str, str]) -> None:
         """Expose the values ``read()`` returns at scrape time as gauges named by its keys."""
-        self.registry.register(_GaugeCollector(read, help_texts))
+        self.registry.register(_ReadCollector(read, help_texts, GaugeMetricFamily))
+
+    def add_counters(self, read: Gauges, help_texts: dict[str, str]) -> None:
+        """Expose totals kept elsewhere (``read()`` at scrape time) as counters."""
+        self.registry.register(_ReadCollector(read, help_texts, CounterMetricFamily))
 
     def count(
         self,
@@ -146,16 +150,22 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class _GaugeCollector(Collector):
-    def __init__(self, read: Gauges, help_texts: dict[str, str]) -> None:
+class _ReadCollector(Collector):
+    def __init__(
+        self,
+        read: Gauges,
+        help_texts: dict[str, str],
+        family: type[GaugeMetricFamily] | type[CounterMetricFamily],
+    ) -> None:
         self._read = read
         self._help = help_texts
+        self._family = family
 
     def collect(self) -> Iterable[Metric]:
         values = self._read()
         for name, help_text in self._help.items():
-            yield GaugeMetricFamily(name, help_text, value=values.get(name, 0.0))
+            yield self._family(name, help_text, value=values.get(name, 0.0))
 
     def describe(self) -> Iterable[Metric]:
         for name, help_text in self._help.items():
-            yield GaugeMetricFamily(name, help_text)
+            yield self._family(name, help_text)

@@ -35,6 +35,7 @@ from .batcher import BatcherSaturated
 from .calls import CachedCall, Keyer, cache_directives
 from .errors import BodyTooLarge, ProxyError, Uncacheable
 from .failures import FailureLog
+from .freshness import entry_ttl
 from .protocol import read_answer
 from .recorder import Exchange, Recorder
 from .semantic import EmbeddedImages, SemanticHit, SemanticTier
@@ -337,7 +338,8 @@ class CacheService:
             return self._upstream_failed(call, exc, embedding), None
         out_headers.popall("Content-Length", None)
         out_headers["X-Cache"] = "MISS"
-        entry = self._cacheable_entry(call, status, out_headers, answer_body, upstream_ms)
+        ttl = entry_ttl(self._settings.ttl, request.headers, out_headers)
+        entry = self._cacheable_entry(call, status, out_headers, answer_body, upstream_ms, ttl)
         content_type = out_headers.get("Content-Type", "application/json")
         self._record(
             request, body, call, "MISS", None, upstream_ms, status, content_type, answer_body
@@ -384,7 +386,8 @@ class CacheService:
         if watch and relayed.complete and assembler.complete:
             answer = orjson.dumps(assembler.completion())
             synthetic: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
-            entry = self._cacheable_entry(call, 200, synthetic, answer, upstream_ms)
+            ttl = entry_ttl(self._settings.ttl, request.headers, relayed.response.headers)
+            entry = self._cacheable_entry(call, 200, synthetic, answer, upstream_ms, ttl)
             self._record(
                 request, body, call, "MISS", None, upstream_ms, 200, "application/json", answer
             )
@@ -437,6 +440,7 @@ class CacheService:
         headers: CIMultiDict[str],
         body: bytes,
         upstream_ms: float,
+        ttl: float | None,
     ) -> NewEntry | None:
         """Count the miss; the entry to store, or None when the answer is not cacheable."""
         facts = read_answer(call.chat.format, body) if status == 200 else None
@@ -452,10 +456,13 @@ class CacheService:
         )
         if facts is None or not facts.complete or not call.store:
             return None
+        if ttl is not None and ttl <= 0:
+            return None
         if "no-store" in cache_directives(headers.get("Cache-Control", "")):
             return None
         if headers.get("Content-Encoding", "identity").lower() != "identity":
             return None
+        now = time.time()
         return NewEntry(
             entry_id=new_entry_id(),
             namespace=call.namespace,
@@ -476,7 +483,8 @@ class CacheService:
             prompt_tokens=facts.prompt_tokens,
             completion_tokens=facts.completion_tokens,
             upstream_ms=upstream_ms,
-            created_at=time.time(),
+            created_at=now,
+            expires_at=None if ttl is None else now + ttl,
         )
 
     def _store_later(

@@ -131,6 +131,32 @@ class Settings(BaseSettings):
     snapshot_interval: float = Field(
         300.0, gt=0, description="Seconds between index snapshots in the data directory."
     )
+    ttl: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds an answer stays servable (default: until evicted); a request's "
+        "X-Cache-TTL or the upstream's Cache-Control max-age can only shorten it.",
+    )
+    max_entries: int | None = Field(
+        None, ge=1, description="Most live entries; beyond it the least recently hit are evicted."
+    )
+    max_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="Most bytes of live entries (answers, vectors, thumbnails); beyond it the "
+        "least recently hit are evicted.",
+    )
+    maintenance_interval: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds between maintenance passes: expiry, eviction, vacuum.",
+    )
+    vacuum_after: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds a deleted entry's row is kept (so every replica sees the deletion) "
+        "before it is removed from the database.",
+    )
     sync_interval: float = Field(
         1.0,
         gt=0,

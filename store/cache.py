@@ -22,11 +22,12 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from . import reports
+from . import maintenance, reports
 from .database import create_engine, upgrade_schema
 from .errors import StoreUnavailable
 from .index import Candidate
 from .ledger import Ledger
+from .maintenance import MaintenanceReport, Retention
 from .memory import MemoryAnswers
 from .models import Entry, EntryImage
 from .records import NewEntry, StoredAnswer
@@ -63,8 +64,12 @@ class CacheStore:
         vectors: VectorKeeper | None = None,
         snapshot_interval: float = 300.0,
         sync_interval: float = 1.0,
+        retention: Retention | None = None,
     ) -> None:
         self._engine = engine
+        self._retention = retention or Retention()
+        self._last_maintenance = time.monotonic()
+        self.maintained = MaintenanceReport()  # totals since start (metrics)
         self._sync_interval = sync_interval
         self._last_sync = time.monotonic()
         self._synced_to = time.time()
@@ -89,6 +94,7 @@ class CacheStore:
         flush_interval: float = 1.0,
         snapshot_interval: float = 300.0,
         sync_interval: float = 1.0,
+        retention: Retention | None = None,
         index: IndexConfig | None = None,
     ) -> CacheStore:
         """Connect to ``url``, migrate the schema, load the vector index, start the writer."""
@@ -111,6 +117,7 @@ class CacheStore:
             vectors=vectors,
             snapshot_interval=snapshot_interval,
             sync_interval=sync_interval,
+            retention=retention,
         )
         store._writer = asyncio.create_task(store._write_forever(), name="vlcache-store-writer")
         return store
@@ -269,7 +276,7 @@ class CacheStore:
 
     async def delete(self, entry_id: int) -> bool:
         """Delete one entry (tombstone, memory tier, index); False when it was not live."""
-        return await self._tombstone([Entry.id == entry_id, Entry.deleted.is_(False)]) > 0
+        return await self._tombstone([Entry.id == entry_id]) > 0
 
     async def purge(self, where: reports.EntryFilter) -> int:
         """Delete every live entry ``where`` selects; returns how many."""
@@ -282,7 +289,7 @@ class CacheStore:
         await self.flush()
         statement = (
             update(Entry)
-            .where(*conditions)
+            .where(Entry.deleted.is_(False), *conditions)
             .values(deleted=True, deleted_at=time.time())
             .returning(Entry.id, Entry.exact_key)
             .execution_options(synchronize_session=False)
@@ -348,6 +355,7 @@ class CacheStore:
             try:
                 await self.flush()
                 await self._sync_if_due()
+                await self._maintain_if_due()
                 await self._snapshot_if_due()
             except StoreUnavailable as exc:
                 log.error("store write failed, will retry: %s", exc)
@@ -381,6 +389,42 @@ class CacheStore:
         added, withdrawn = await self.sync()
         if added or withdrawn:
             log.info("sync: %d entries indexed, %d withdrawn (written elsewhere)", added, withdrawn)
+
+    async def maintain(self) -> MaintenanceReport:
+        """Expire, evict over the size budget (least recently hit first), vacuum old tombstones.
+
+        Works in chunks of ``maintenance.CHUNK`` rows, each its own short transaction, so
+        requests and the writer are never held up for long.
+        """
+        report = MaintenanceReport()
+        now = time.time()
+        while expired := await self._run(lambda conn: maintenance.expired_ids(conn, now)):
+            report.expired += await self._tombstone([Entry.id.in_(expired)])
+        retention = self._retention
+        if retention.max_entries is not None or retention.max_bytes is not None:
+            while over := await self._run(
+                lambda conn: maintenance.over_budget_ids(conn, retention)
+            ):
+                report.evicted += await self._tombstone([Entry.id.in_(over)])
+        while vacuumed := await self._run(
+            lambda conn: maintenance.vacuum(conn, now, retention.vacuum_after)
+        ):
+            report.vacuumed += vacuumed
+        return report
+
+    async def _maintain_if_due(self) -> None:
+        if time.monotonic() - self._last_maintenance < self._retention.interval:
+            return
+        self._last_maintenance = time.monotonic()
+        report = await self.maintain()
+        if not report.empty:
+            log.info(
+                "maintenance: %d expired, %d evicted over the size budget, %d rows vacuumed",
+                report.expired,
+                report.evicted,
+                report.vacuumed,
+            )
+        self.maintained.merge(report)
 
     async def _snapshot_if_due(self) -> None:
         if self._vectors is None:
