@@ -76,6 +76,12 @@ class CacheService:
         self._background: set[asyncio.Task[None]] = set()
         self._inflight: dict[str, asyncio.Future[StoredAnswer | None]] = {}
         self._known_bodies: OrderedDict[str, CachedCall] = OrderedDict()
+        # Misses this process claimed for every process on the database: key -> entry stored?
+        self._claims: dict[str, bool] = {}
+        coalesce = settings.coalesce_across_processes
+        self._coalesce_across = (
+            coalesce if coalesce is not None else settings.database_url.startswith("postgresql")
+        )
 
     async def respond(self, request: web.Request) -> web.StreamResponse:
         """Answer one client request (any method, any path)."""
@@ -130,8 +136,11 @@ class CacheService:
                 return await self._serve_hit(
                     request, body, call, shared, started, "coalesced", None
                 )
-            response, _ = await self._answer_miss(request, body, call, started)
-            return response
+            try:
+                response, _ = await self._answer_miss(request, body, call, started)
+                return response
+            finally:
+                self._settle_claim(call.exact_key)
         future: asyncio.Future[StoredAnswer | None] = asyncio.get_running_loop().create_future()
         self._inflight[call.exact_key] = future
         answer = None
@@ -141,22 +150,71 @@ class CacheService:
         finally:
             del self._inflight[call.exact_key]
             future.set_result(answer)
+            self._settle_claim(call.exact_key)
 
     async def _answer_miss(
         self, request: web.Request, body: bytes, call: CachedCall, started: float
     ) -> tuple[web.StreamResponse, StoredAnswer | None]:
-        """Semantic tier, else the upstream; returns the response and the answer it gave."""
+        """Semantic tier, another process's identical call, else the upstream; returns the
+        response and the answer it gave."""
+        embedding: Embedding
         if not call.lookup or not self._wants_semantic_lookup(call):
-            return await self._forward_miss(request, body, call, self._embed_beside(call))
-        embedded = await self._embed(call)
-        if embedded is not None:
-            hit = await self._lookup_semantic(call, embedded)
-            if hit is not None:
-                response = await self._serve_hit(
-                    request, body, call, hit.answer, started, "semantic", hit.similarity
-                )
-                return response, hit.answer
-        return await self._forward_miss(request, body, call, embedded)
+            embedding = self._embed_beside(call)
+        else:
+            embedding = await self._embed(call)
+            if embedding is not None:
+                hit = await self._lookup_semantic(call, embedding)
+                if hit is not None:
+                    response = await self._serve_hit(
+                        request, body, call, hit.answer, started, "semantic", hit.similarity
+                    )
+                    return response, hit.answer
+        shared = await self._follow_other_process(call)
+        if shared is not None:
+            if isinstance(embedding, asyncio.Task):
+                embedding.cancel()
+            response = await self._serve_hit(
+                request, body, call, shared, started, "coalesced", None
+            )
+            return response, shared
+        return await self._forward_miss(request, body, call, embedding)
+
+    async def _follow_other_process(self, call: CachedCall) -> StoredAnswer | None:
+        """Claim this miss for this process, or wait for the process that holds the claim.
+
+        None means "ask the upstream": the claim is ours, or its holder gave up or died, or
+        cross-process coalescing is off, or the store cannot say (fail open).
+        """
+        if not self._coalesce_across or not call.lookup or not call.store:
+            return None
+        try:
+            if await self._store.claim(call.exact_key, self._settings.claim_lease):
+                self._claims[call.exact_key] = False
+                return None
+            # A holder renews its claim while its upstream call lasts; never wait longer than
+            # that call itself could.
+            async with asyncio.timeout(self._settings.read_timeout):
+                return await self._store.await_claimed(call.exact_key)
+        except TimeoutError:
+            return None
+        except StoreError:
+            self._fail("store", "cross-process coalescing failed, answering from the upstream")
+            return None
+
+    def _settle_claim(self, exact_key: str) -> None:
+        """After our miss: a stored entry drops its claim when committed; else drop it now."""
+        stored = self._claims.pop(exact_key, None)
+        if stored is False:
+            task = asyncio.create_task(self._release(exact_key))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _release(self, exact_key: str) -> None:
+        try:
+            await self._store.release(exact_key)
+        except StoreError:
+            # Its lease runs out on its own: followers wait at most that long.
+            self._fail("store", "releasing a cross-process claim failed")
 
     def _remember(self, body_key: str, call: CachedCall) -> None:
         self._known_bodies[body_key] = call.without_images()
@@ -429,6 +487,9 @@ class CacheService:
     ) -> None:
         """Store a cacheable answer; otherwise stop embedding for it."""
         if entry is not None:
+            if entry.exact_key in self._claims:
+                self._claims[entry.exact_key] = True
+                self._store.storing_claimed(entry.exact_key)
             self._store_later(entry, embedding)
         elif isinstance(embedding, asyncio.Task):
             embedding.cancel()

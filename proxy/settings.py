@@ -158,10 +158,21 @@ class Settings(BaseSettings):
         "before it is removed from the database.",
     )
     sync_interval: float = Field(
-        1.0,
+        0.5,
         gt=0,
         description="Seconds between look-ups of entries and deletions made by other processes "
         "(warm-up, other replicas), which the index then follows.",
+    )
+    coalesce_across_processes: bool | None = Field(
+        None,
+        description="Let identical misses arriving at different processes on one database wait "
+        "for a single upstream call (claim rows with a lease); default: on with PostgreSQL.",
+    )
+    claim_lease: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a cross-process claim lasts unless its holder renews it; followers "
+        "of a holder that died ask the upstream themselves after at most this long.",
     )
     admin_host: str = Field(
         "127.0.0.1",

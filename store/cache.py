@@ -22,7 +22,7 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from . import maintenance, reports
+from . import claims, maintenance, reports
 from .database import create_engine, upgrade_schema
 from .errors import StoreUnavailable
 from .index import Candidate
@@ -41,6 +41,8 @@ _EPOCH_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 _RANDOM_BITS = 22
 _WRITE_BATCH = 128
 _MAX_PENDING_WRITES = 10_000
+_WRITE_LINGER = 0.1  # seconds a new entry waits for others to share its commit
+_CLAIM_POLL = 0.05  # seconds between a follower's looks for the claimed answer
 # How far a sync looks back past the previous one: rows are stamped when answered and committed
 # up to a few seconds later (embedding, write batching); clocks of other hosts may differ a little.
 SYNC_SLACK = 30.0
@@ -70,6 +72,12 @@ class CacheStore:
         self._retention = retention or Retention()
         self._last_maintenance = time.monotonic()
         self.maintained = MaintenanceReport()  # totals since start (metrics)
+        # Claims on identical misses (cross-process coalescing): who we are, what we hold.
+        self.owner = secrets.token_hex(16)
+        self._claimed: set[str] = set()
+        self._storing_claims: set[str] = set()
+        self._claim_lease = 10.0
+        self._last_renewal = time.monotonic()
         self._sync_interval = sync_interval
         self._last_sync = time.monotonic()
         self._synced_to = time.time()
@@ -82,6 +90,7 @@ class CacheStore:
         self._pending: asyncio.Queue[NewEntry] = asyncio.Queue(_MAX_PENDING_WRITES)
         self._writer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._linger: asyncio.TimerHandle | None = None
         self._closing = False
         self._flushing = asyncio.Lock()
 
@@ -143,6 +152,9 @@ class CacheStore:
             self._writer = None
         try:
             await self.flush()
+            if self._claimed:  # followers elsewhere need not wait for these leases to run out
+                held = sorted(self._claimed)
+                await self._run(lambda conn: claims.drop(conn, held, self.owner))
         except StoreUnavailable:
             log.exception("pending writes lost at close")
         if self._vectors is not None:
@@ -201,16 +213,22 @@ class CacheStore:
             self._pending.put_nowait(entry)
         except asyncio.QueueFull:
             log.warning("store write queue full (%d): answer not cached", _MAX_PENDING_WRITES)
+            # Stop renewing its claim, if any: followers take over when the lease runs out.
+            self._storing_claims.discard(entry.exact_key)
+            self._claimed.discard(entry.exact_key)
             return None
         answer = entry.answer()
         self._memory.put(entry.exact_key, answer)
         # Semantic visibility needs the commit (candidates are read back from SQL): an entry with
-        # vectors is written at once; others ride with the next batch (the memory tier serves
-        # them meanwhile), so a burst of misses costs one commit, not one each.
+        # vectors is written at once. Others linger a moment so a burst of misses costs one
+        # commit, not one each (the memory tier serves them meanwhile), yet other processes on
+        # the database see them well within a second.
         if any(image.embedding is not None for image in entry.images) or (
             self._pending.qsize() >= _WRITE_BATCH
         ):
             self._wake.set()
+        elif self._linger is None:
+            self._linger = asyncio.get_running_loop().call_later(_WRITE_LINGER, self._wake.set)
         return answer
 
     async def import_entries(self, entries: Sequence[NewEntry]) -> list[NewEntry]:
@@ -245,6 +263,51 @@ class CacheStore:
     async def ping(self) -> None:
         """Reach the database once (``StoreUnavailable`` when it cannot be reached)."""
         await self._run(lambda conn: conn.execute(select(1)))
+
+    async def claim(self, exact_key: str, lease: float) -> bool:
+        """Claim an identical miss for this process; False when another holds a live claim.
+
+        The claim is renewed while held and dropped in the transaction that stores the entry.
+        """
+        self._claim_lease = lease
+        now = time.time()
+        won = await self._run(lambda conn: claims.take(conn, exact_key, self.owner, now, lease))
+        if won:
+            self._claimed.add(exact_key)
+        return won
+
+    async def release(self, exact_key: str) -> None:
+        """Give a claim up without storing anything (error, uncacheable answer, semantic hit)."""
+        if exact_key not in self._claimed:
+            return
+        self._claimed.discard(exact_key)
+        await self._run(lambda conn: claims.drop(conn, [exact_key], self.owner))
+
+    def storing_claimed(self, exact_key: str) -> None:
+        """The entry of this claim is on its way: its commit will drop the claim."""
+        self._storing_claims.add(exact_key)
+
+    async def await_claimed(self, exact_key: str) -> StoredAnswer | None:
+        """The answer another process is producing under its claim, or None once the claim is
+        gone without one (nothing to store) or its lease ran out (its holder died).
+
+        A live holder renews its lease, so this waits as long as that process's upstream call.
+        """
+        while True:
+            await asyncio.sleep(_CLAIM_POLL)
+
+            async def look(conn: AsyncConnection) -> tuple[float | None, Any]:
+                # The claim first: its row goes in the same commit that adds the entry.
+                expires = await claims.state(conn, exact_key)
+                return expires, await _first(conn, _BY_EXACT_KEY, {"key": exact_key})
+
+            expires, row = await self._run(look)
+            if row is not None:
+                answer = StoredAnswer(*row)
+                self._memory.put(exact_key, answer)
+                return answer
+            if expires is None or expires < time.time():
+                return None
 
     async def ledger_report(self, since_hour: int) -> reports.LedgerReport:
         """Ledger sums overall, per model and per hour since ``since_hour``."""
@@ -352,9 +415,13 @@ class CacheStore:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._flush_interval)
             self._wake.clear()
+            if self._linger is not None:
+                self._linger.cancel()
+                self._linger = None
             try:
                 await self.flush()
                 await self._sync_if_due()
+                await self._renew_claims_if_due()
                 await self._maintain_if_due()
                 await self._snapshot_if_due()
             except StoreUnavailable as exc:
@@ -381,6 +448,14 @@ class CacheStore:
             await self._vectors.remove(row.id for row in gone)
         self._synced_to = started
         return added, len(gone)
+
+    async def _renew_claims_if_due(self) -> None:
+        if not self._claimed or time.monotonic() - self._last_renewal < self._claim_lease / 3:
+            return
+        self._last_renewal = time.monotonic()
+        held = sorted(self._claimed)
+        until = time.time() + self._claim_lease
+        await self._run(lambda conn: claims.renew(conn, held, self.owner, until))
 
     async def _sync_if_due(self) -> None:
         if time.monotonic() - self._last_sync < self._sync_interval:
@@ -437,14 +512,27 @@ class CacheStore:
     async def _write_entries(self, batch: list[NewEntry]) -> None:
         for start in range(0, len(batch), _WRITE_BATCH):
             chunk = batch[start : start + _WRITE_BATCH]
+            settled = [e.exact_key for e in chunk if e.exact_key in self._storing_claims]
+
+            async def write(
+                conn: AsyncConnection, chunk: list[NewEntry] = chunk, settled: list[str] = settled
+            ) -> list[int]:
+                retired = await _insert_entries(conn, chunk)
+                if settled:
+                    await claims.drop(conn, settled, self.owner)
+                return retired
+
             try:
-                retired = await self._run(lambda conn, chunk=chunk: _insert_entries(conn, chunk))  # type: ignore[misc]
+                retired = await self._run(write)
             except StoreUnavailable:
                 # The answers were only ever promised by the memory tier: withdraw them, so
                 # nothing is served that SQL does not hold once this process restarts.
                 for entry in chunk:
                     self._memory.discard(entry.exact_key)
                 raise
+            for key in settled:
+                self._storing_claims.discard(key)
+                self._claimed.discard(key)
             if self._vectors is not None:
                 await self._vectors.add(chunk)
                 await self._vectors.remove(retired)

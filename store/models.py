@@ -106,3 +106,17 @@ class LedgerRow(Base):
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     cost: Mapped[float] = mapped_column(Double, default=0.0)
     time_ms: Mapped[float] = mapped_column(Double, default=0.0)
+
+
+class Claim(Base):
+    """An identical miss being answered by one process; others wait for its entry.
+
+    The row disappears in the transaction that stores the answer (or when the holder gives up),
+    and a holder that dies stops renewing ``expires_at``, so its followers take over.
+    """
+
+    __tablename__ = "claims"
+
+    exact_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[float] = mapped_column(Double)
