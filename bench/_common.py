@@ -628,6 +628,11 @@ def read_times(raw_path: Path, threads: int = 1) -> list[float]:
     return times
 
 
+def verdict(ok: bool) -> str:
+    """PASS or FAIL, as the results tables print it."""
+    return "PASS" if ok else "FAIL"
+
+
 def percentile(ordered: Sequence[float], share: float) -> float:
     """Nearest-rank percentile of sorted values (``share`` in 0-100)."""
     if not ordered:

@@ -351,11 +351,6 @@ def ms(us: float) -> str:
     return f"{us / 1000:.2f}"
 
 
-def verdict(ok: bool) -> str:
-    """PASS or FAIL."""
-    return "PASS" if ok else "FAIL"
-
-
 def latency_table(
     rows: list[tuple[str, Measured]], direct: Measured, proxies: list[ProxyFigures]
 ) -> str:
@@ -409,7 +404,7 @@ def targets_table(proxies: list[ProxyFigures], direct: Measured, floor: Measured
 
     def row(label: str, cells: list[tuple[str, bool]]) -> None:
         lines.append(
-            f"| {label} | " + " | ".join(f"{text} **{verdict(ok)}**" for text, ok in cells) + " |"
+            f"| {label} | " + " | ".join(f"{text} **{c.verdict(ok)}**" for text, ok in cells) + " |"
         )
 
     row(

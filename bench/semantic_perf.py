@@ -378,10 +378,6 @@ async def _batching(
         executor.shutdown()
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
 def report(every: list[Config], args: argparse.Namespace, started: float, photo: bytes) -> str:
     configs = [cfg for cfg in every if cfg.embedder != "none"]
     plain = next(cfg for cfg in every if cfg.embedder == "none")
@@ -417,7 +413,7 @@ def report(every: list[Config], args: argparse.Namespace, started: float, photo:
             f"| semantic hit p99 <= {target:g} ms, every answer `semantic` | {cfg.embedder}, "
             f"{cfg.threads} thr | p50 {p50(cfg.hits):.1f} / p99 {p99:.1f} ms, "
             f"{cfg.matches['200 HIT semantic']}/{measured} semantic | "
-            f"{verdict(p99 <= target and all_semantic)} |"
+            f"{c.verdict(p99 <= target and all_semantic)} |"
         )
     for cfg in configs:
         ratio = cfg.conc_rate / cfg.seq_rate
@@ -425,14 +421,14 @@ def report(every: list[Config], args: argparse.Namespace, started: float, photo:
             f"| 16 concurrent >= {TARGET_BATCH_RATIO}x sequential batch-1 (MicroBatcher) | "
             f"{cfg.embedder}, {cfg.threads} thr | {cfg.conc_rate:.1f} vs {cfg.seq_rate:.1f} "
             f"img/s = {ratio:.2f}x (vs direct `embed` batch 1, no batcher: "
-            f"{cfg.conc_rate / cfg.direct_rate:.2f}x) | {verdict(ratio >= TARGET_BATCH_RATIO)} |"
+            f"{cfg.conc_rate / cfg.direct_rate:.2f}x) | {c.verdict(ratio >= TARGET_BATCH_RATIO)} |"
         )
     for cfg in configs:
         overhead = p50(cfg.miss) - p50(cfg.direct)
         lines.append(
             f"| miss p50 - direct p50 <= {TARGET_MISS_OVERHEAD_MS:g} ms (new question + image) | "
             f"{cfg.embedder}, {cfg.threads} thr | {p50(cfg.miss):.2f} - {p50(cfg.direct):.2f} = "
-            f"{overhead:.2f} ms | {verdict(overhead <= TARGET_MISS_OVERHEAD_MS)} |"
+            f"{overhead:.2f} ms | {c.verdict(overhead <= TARGET_MISS_OVERHEAD_MS)} |"
         )
     lines += [
         "",

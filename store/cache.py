@@ -79,6 +79,8 @@ class CacheStore:
         self._claim_lease = 10.0
         self._last_renewal = time.monotonic()
         self._sync_interval = sync_interval
+        # The writer wakes at least this often: counters are flushed and the sync runs on time.
+        self._tick = min(flush_interval, sync_interval)
         self._last_sync = time.monotonic()
         self._synced_to = time.time()
         self._vectors = vectors
@@ -86,7 +88,6 @@ class CacheStore:
         self._last_snapshot = time.monotonic()
         self._memory = MemoryAnswers(memory_bytes)
         self._ledger = Ledger()
-        self._flush_interval = flush_interval
         self._pending: asyncio.Queue[NewEntry] = asyncio.Queue(_MAX_PENDING_WRITES)
         self._writer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -413,7 +414,7 @@ class CacheStore:
     async def _write_forever(self) -> None:
         while not self._closing:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._flush_interval)
+                await asyncio.wait_for(self._wake.wait(), self._tick)
             self._wake.clear()
             if self._linger is not None:
                 self._linger.cancel()
