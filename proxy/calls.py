@@ -66,8 +66,14 @@ class Keyer:
             )
         return _body_digest(namespace, body)
 
-    async def key(self, headers: CIMultiDictProxy[str], body: bytes) -> CachedCall | None:
-        """The keyed call; None when ``body`` is not a chat request; ``Uncacheable`` raised."""
+    async def key(
+        self, headers: CIMultiDictProxy[str], body: bytes, *, namespace: str | None = None
+    ) -> CachedCall | None:
+        """The keyed call; None when ``body`` is not a chat request; ``Uncacheable`` raised.
+
+        ``namespace`` replaces the one the headers give (warm-up: logged requests carry no
+        credentials, only the namespace they were keyed in or one named on the command line).
+        """
         if len(body) > _INLINE_PARSE_BYTES:
             chat = await asyncio.get_running_loop().run_in_executor(None, self._parse, body)
         else:
@@ -85,7 +91,8 @@ class Keyer:
             digests = await asyncio.get_running_loop().run_in_executor(None, _digests, images)
         else:
             digests = _digests(images)
-        namespace = self.namespace(headers)
+        if namespace is None:
+            namespace = self.namespace(headers)
         fingerprint = question_fingerprint(chat.format, chat.model, chat.turns, chat.params)
         directives = cache_directives(headers.get("Cache-Control", ""))
         return CachedCall(

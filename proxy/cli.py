@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -27,6 +28,22 @@ _EMBEDDER_SETTINGS = (
     "embed_precision",
     "embed_threads",
     "index_approx_rows",
+)
+_WARMUP_SETTINGS = (
+    *_STORE_SETTINGS,
+    "embedder",
+    "clip_model",
+    "clip_pretrained",
+    "embed_precision",
+    "embed_threads",
+    "shared_namespace",
+    "ttl",
+    "max_body_bytes",
+    "max_images",
+    "max_image_bytes",
+    "max_image_pixels",
+    "image_fetch_timeout",
+    "allow_private_image_urls",
 )
 
 
@@ -100,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument(
         "--json", action="store_true", help="print the same JSON document as the admin /stats"
     )
+    _add_warmup(commands.add_parser("warmup", help="fill the cache from historical chat logs"))
     demo = commands.add_parser(
         "demo", help="run a scripted workload against a built-in stand-in model and print a table"
     )
@@ -112,6 +130,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the demo's proxy and dashboard up after the workload (until Ctrl-C)",
     )
     return parser
+
+
+def _add_warmup(warmup: argparse.ArgumentParser) -> None:
+    warmup.description = (
+        "Import logged chat exchanges (JSON Lines: --record files, OpenAI Batch-style lines or "
+        "request/response pairs) into the cache, with vectors for the semantic tier. Safe to "
+        "run beside `vlcache serve` on the same store, and to run again (adds what is missing)."
+    )
+    warmup.add_argument("files", nargs="+", type=Path, metavar="FILE", help="JSON Lines log")
+    warmup.add_argument(
+        "--tenant", metavar="NAME", help="import into tenant NAME's namespace (as --tenant-header)"
+    )
+    warmup.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="import into the namespace of the API key held in environment variable VAR",
+    )
+    warmup.add_argument(
+        "--batch", type=int, default=32, help="images per forward pass and entries per commit"
+    )
+    warmup.add_argument("--report-json", type=Path, metavar="PATH", help="also write the report")
+    _add_settings(warmup, _WARMUP_SETTINGS)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -145,6 +185,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             asyncio.run(print_stats(settings, as_json=args.json))
         except PricingError as exc:
             raise SystemExit(f"vlcache: {exc}") from None
+    elif args.command == "warmup":
+        from .warmup import command
+
+        raise SystemExit(command(args, settings))
     elif args.command == "index":
         from .server import rebuild_index
 
