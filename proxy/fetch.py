@@ -3,9 +3,9 @@
 The cache must know the bytes behind an image URL to key it, but a URL chosen by a caller must
 never make the proxy reach into its own network (SSRF). So every address a host name resolves to
 must be globally routable (no loopback, private, link-local such as 169.254.169.254, CGNAT,
-multicast, reserved, nor an IPv4-mapped IPv6 form of those), IP literals are checked the same way,
-redirects are followed by hand with each hop checked again, and size and time are bounded.
-Any failure makes the request uncacheable; it then goes upstream untouched.
+multicast, reserved, nor an IPv6 form of those: mapped, NAT64, 6to4...), IP literals are checked
+the same way, redirects are followed by hand with each hop checked again, and size and time are
+bounded. Any failure makes the request uncacheable; it then goes upstream untouched.
 """
 
 from __future__ import annotations
@@ -26,12 +26,36 @@ _MAX_REDIRECTS = 3
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
+# IPv6 prefixes whose last 32 bits are an IPv4 address that traffic is translated to: NAT64's
+# well-known prefix (RFC 6052), SIIT's IPv4-translated form, the deprecated IPv4-compatible form.
+_IPV4_TRANSLATED = (
+    ipaddress.IPv6Network("64:ff9b::/96"),
+    ipaddress.IPv6Network("::ffff:0:0:0/96"),
+    ipaddress.IPv6Network("::/96"),
+)
+# NAT64's local-use prefix (RFC 8215): a site's own translator, never a public destination.
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
 def is_public_address(address: str) -> bool:
-    """True when ``address`` is a globally routable unicast IP."""
+    """True when ``address`` is a globally routable unicast IP (for an IPv6 form of an IPv4
+    address, mapped, translated, NAT64 or 6to4: when that IPv4 address is)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _LOCAL_NAT64:
+            return False
+        ip = _embedded_ipv4(ip) or ip
     return ip.is_global and not ip.is_multicast
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if any(ip in network for network in _IPV4_TRANSLATED):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
+    return None
 
 
 class PublicOnlyResolver(AbstractResolver):

@@ -28,6 +28,10 @@ RequestFormat = Literal["openai", "native"]
 
 _TURN_EXTRAS = ("name", "tool_calls", "tool_call_id", "function_call")
 _QUESTION_PREVIEW = 500
+# Deepest nesting of lists and objects in a chat the cache keys. The key builder and the recorder
+# write the request's parts again, a level deeper, with orjson, whose writer stops at 255 levels
+# (its reader at 1024); real requests, JSON schemas of tools included, stay far below this.
+_MAX_NESTING = 240
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,8 @@ def parse_chat(body: bytes, *, max_images: int, max_image_bytes: int) -> ChatReq
             raise Uncacheable("parameters is not an object")
     else:
         return None
+    if _nested_deeper(doc, _MAX_NESTING):
+        raise Uncacheable(f"JSON nested more than {_MAX_NESTING} levels deep")
     model = doc.get("model", "")
     if not isinstance(model, str):
         raise Uncacheable("model is not a string")
@@ -173,6 +179,20 @@ def decode_data_uri(uri: str, *, max_bytes: int) -> bytes:
         return pybase64.b64decode(payload, validate=True)
     except binascii.Error as exc:
         raise Uncacheable(f"corrupt base64 image: {exc}") from exc
+
+
+def _nested_deeper(doc: Any, limit: int) -> bool:
+    """True when lists and objects in ``doc`` nest more than ``limit`` levels deep."""
+    pending = [(doc, 1)]
+    while pending:
+        value, depth = pending.pop()
+        children = value.values() if isinstance(value, dict) else value
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth == limit:
+                    return True
+                pending.append((child, depth + 1))
+    return False
 
 
 def _question_preview(turns: tuple[Turn, ...]) -> str:

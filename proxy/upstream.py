@@ -8,6 +8,7 @@ proxy's own 502 / 504 errors.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -37,6 +38,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length"}
+# aiohttp writes a bytes body in one go, holding up the loop while a large one is copied into the
+# transport (it warns past 1 MiB); a BytesIO body goes out piece by piece, under flow control.
+_PIECEWISE_BODY_BYTES = 1 << 20
 
 
 def create_upstream_session(
@@ -94,6 +98,8 @@ class Upstream:
         self, method: str, rel_url: URL, headers: CIMultiDict[str], data: Any
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """Send one request; yields the response once its headers arrived."""
+        if isinstance(data, bytes) and len(data) > _PIECEWISE_BODY_BYTES:
+            data = io.BytesIO(data)
         try:
             async with self._session.request(
                 method, self.target(rel_url), headers=headers, data=data, allow_redirects=False
@@ -122,7 +128,8 @@ class Upstream:
         await out.prepare(request)
         try:
             async for chunk in response.content.iter_any():
-                await out.write(chunk)
+                if not await _deliver(out, chunk):
+                    return Relayed(out, complete=False)
                 if on_chunk is not None:
                     on_chunk(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -132,11 +139,7 @@ class Upstream:
             if request.transport is not None:
                 request.transport.abort()
             return Relayed(out, complete=False)
-        except ConnectionResetError:
-            log.info("client went away mid-response")
-            return Relayed(out, complete=False)
-        await out.write_eof()
-        return Relayed(out, complete=True)
+        return Relayed(out, complete=await _deliver(out, None))
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,3 +148,20 @@ class Relayed:
 
     response: web.StreamResponse
     complete: bool
+
+
+async def _deliver(out: web.StreamResponse, chunk: bytes | None) -> bool:
+    """Write ``chunk`` (None: the end) to the client; False when the client has gone away.
+
+    Kept apart from reading the upstream: aiohttp's error for a departed client is a
+    ``ClientError`` too, and must not be mistaken for the upstream breaking off.
+    """
+    try:
+        if chunk is None:
+            await out.write_eof()
+        else:
+            await out.write(chunk)
+    except ConnectionResetError:
+        log.info("client went away mid-response")
+        return False
+    return True
