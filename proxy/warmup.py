@@ -15,7 +15,8 @@ The store is opened without an index: a running proxy's index snapshot is never 
 
 A batch is one transaction: a run killed at any point leaves whole entries only, and a second run
 adds what is missing (what is there counts as duplicates). One bad line never stops the run: it
-is skipped and reported with its file and line number.
+is skipped and reported with its file and line number. ``--ttl`` counts from when an answer was
+given (a recording's ``ts``), so an answer older than it is not brought back.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ log = logging.getLogger(__name__)
 
 # Lines read and parsed in the reader thread per hand-off.
 _CHUNK_LINES = 64
+# Look-ups of the store at once: within its connection pool (SQLite's holds 5), since a
+# connection opened beyond the pool is closed after one use (a thread and a file open each).
+_LOOKUPS = 4
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
 
@@ -80,7 +84,11 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
         print(f"vlcache warmup: error: {problem}", file=sys.stderr)
         return 2
     files: list[Path] = args.files
-    total = sum(count_lines(path) for path in files)
+    try:
+        total = sum(count_lines(path) for path in files)
+    except OSError as exc:
+        print(f"vlcache warmup: error: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
     with tqdm(total=total, unit="line", desc="warm-up", smoothing=0.1) as bar:
         try:
             tally = asyncio.run(
@@ -92,12 +100,19 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
                     progress=bar.update,
                 )
             )
-        except (ModelLoadError, StoreError, OSError) as exc:
+        except (ModelLoadError, StoreError) as exc:
             print(f"vlcache warmup: cannot run: {exc}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("vlcache warmup: interrupted; run it again to add the rest", file=sys.stderr)
+            return 130
     print(tally.text())
     if args.report_json is not None:
-        args.report_json.write_bytes(orjson.dumps(tally.as_json(), option=orjson.OPT_INDENT_2))
+        try:
+            args.report_json.write_bytes(orjson.dumps(tally.as_json(), option=orjson.OPT_INDENT_2))
+        except OSError as exc:
+            print(f"vlcache warmup: cannot write the report: {exc}", file=sys.stderr)
+            return 1
     return 1 if tally.error_count else 0
 
 
@@ -116,6 +131,8 @@ def _usage_problem(args: argparse.Namespace, settings: Settings) -> str | None:
     ]
     if len(chosen) > 1:
         return f"{' and '.join(chosen)} name different namespaces: give one"
+    if args.tenant == "":
+        return "--tenant needs a name"
     if args.api_key_env is not None and not os.environ.get(args.api_key_env):
         return f"environment variable {args.api_key_env} holds no API key"
     if args.batch < 1:
@@ -225,6 +242,7 @@ class _Importer:
         self._failures = FailureLog(log)
         # Exact keys between keying and their batch's commit: a repeat meanwhile is a duplicate.
         self._in_flight: set[str] = set()
+        self._lookups = asyncio.Semaphore(_LOOKUPS)
         self._cpu_pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="vlcache-cpu")
         self._embed_thread = ThreadPoolExecutor(1, thread_name_prefix="vlcache-embed")
 
@@ -340,8 +358,9 @@ class _Importer:
         facts: AnswerFacts,
         expires_at: float | None,
     ) -> _Pending | None:
-        if await self._store.find_exact(call.exact_key) is not None:
-            return None
+        async with self._lookups:
+            if await self._store.find_exact(call.exact_key) is not None:
+                return None
         entry = _entry(call, exchange, facts, expires_at)
         if self._embedder is None or not call.image_data:
             return _Pending(where, entry)

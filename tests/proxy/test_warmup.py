@@ -488,6 +488,7 @@ def test_usage_errors_exit_with_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert run(str(log), "--tenant", "a", "--api-key-env", "HOME") == 2
     assert run(str(log), "--shared-namespace", "s", "--tenant", "a") == 2
     assert run(str(log), "--api-key-env", "WARM_KEY_UNSET") == 2
+    assert run(str(log), "--tenant", "") == 2
     assert run(str(log), "--batch", "0") == 2
     assert run(str(log), "--report-json", str(tmp_path / "no" / "dir.json")) == 2
     assert not (tmp_path / "data").exists()  # nothing was opened
