@@ -201,6 +201,7 @@ def _resources(
             accounting = Accounting(store, Metrics(pricing.currency), pricing)
             accounting.metrics.add_gauges(_gauges(accounting, store, semantic), _GAUGES)
             accounting.metrics.add_counters(_maintenance_counters(store), _MAINTENANCE)
+            store.on_failure = partial(accounting.failure, "store")
             service = CacheService(
                 settings,
                 store,

@@ -2,6 +2,7 @@
 
     ProxyError                  an error the proxy answers itself (status + OpenAI error body)
     +-- BodyTooLarge            413: the request body is over --max-body-bytes
+    +-- BodyTimeout             408: the request body took longer than --body-read-timeout
     +-- UpstreamUnreachable     502: the upstream could not be connected to or broke off
     +-- UpstreamTimeout         504: the upstream did not answer in time
     Uncacheable                 a chat request the cache will not key: passed through untouched
@@ -43,6 +44,18 @@ class BodyTooLarge(ProxyError):
     status = 413
     error_type = "invalid_request_error"
     code = "request_too_large"
+
+
+class BodyTimeout(ProxyError):
+    """The client did not finish sending its request body in time (slow-loris)."""
+
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its request body was complete."""
 
 
 class UpstreamUnreachable(ProxyError):

@@ -29,6 +29,8 @@ from typing import Any
 
 import orjson
 
+from .failures import FailureLog
+
 log = logging.getLogger(__name__)
 
 # Bytes of request and answer bodies waiting for the writer beyond which new lines are dropped.
@@ -103,6 +105,7 @@ class Recorder:
         self._thread: threading.Thread | None = None
         self.dropped = 0
         self.written = 0
+        self._failures = FailureLog(log)  # used by the writer thread only
 
     async def start(self) -> None:
         """Open the file (in a worker thread) and start the writer."""
@@ -150,7 +153,8 @@ class Recorder:
                     handler.handle(record)
                     self.written += 1
                 except Exception:
-                    log.exception("recording an exchange failed")
+                    # A full disk fails every line the same way: one traceback per burst.
+                    self._failures.report("recording an exchange failed")
                 finally:
                     with self._lock:
                         self._pending_bytes -= exchange.size

@@ -33,7 +33,7 @@ from store.records import NewEntry, NewImage, StoredAnswer
 from .accounting import Accounting, NearMiss
 from .batcher import BatcherSaturated
 from .calls import CachedCall, Keyer, cache_directives
-from .errors import BodyTooLarge, ProxyError, Uncacheable
+from .errors import BodyTimeout, BodyTooLarge, ClientGone, ProxyError, Uncacheable
 from .failures import FailureLog
 from .freshness import entry_ttl
 from .protocol import read_answer
@@ -94,6 +94,10 @@ class CacheService:
             body = await self._read_body(request)
         except ProxyError as exc:
             return exc.response()
+        except ClientGone:
+            # Nobody is left to answer (and aiohttp drops whatever is returned).
+            log.info("client went away mid-request path=%s", request.path)
+            return web.Response(status=499)
         started = time.perf_counter()
         directives = cache_directives(request.headers.get("Cache-Control", ""))
         body_key = await self._keyer.body_key(request.headers, body)
@@ -106,6 +110,14 @@ class CacheService:
             served = await self._serve_exact(request, body, known, started)
             if served is not None:
                 return served
+            leader = self._inflight.get(known.exact_key)
+            if leader is not None:
+                # The same request is with the model right now: wait for it without re-parsing.
+                shared = await asyncio.shield(leader)
+                if shared is not None:
+                    return await self._serve_hit(
+                        request, body, known, shared, started, "coalesced", None
+                    )
         try:
             call = await self._keyer.key(request.headers, body)
         except Uncacheable as exc:
@@ -232,9 +244,15 @@ class CacheService:
         if (request.content_length or 0) > limit:
             raise BodyTooLarge(f"request body is larger than {limit} bytes")
         try:
-            return await request.read()
+            async with asyncio.timeout(self._settings.body_read_timeout):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
             raise BodyTooLarge(f"request body is larger than {limit} bytes") from exc
+        except TimeoutError as exc:
+            timeout = self._settings.body_read_timeout
+            raise BodyTimeout(f"the request body took longer than {timeout:g} s to arrive") from exc
+        except ConnectionResetError as exc:
+            raise ClientGone from exc
 
     async def _serve_exact(
         self, request: web.Request, body: bytes, call: CachedCall, started: float
@@ -276,8 +294,13 @@ class CacheService:
             embedded = await self._semantic.embed(call.image_data)
             self._accounting.metrics.embed_seconds.observe(time.perf_counter() - embedding)
             return embedded
-        except (TimeoutError, BatcherSaturated, ImageDecodeError) as exc:
-            # Busy, slow, or an image that is not one (bomb, SVG, corrupt): a client matter,
+        except TimeoutError:
+            # Over the budget: the request goes on without the tier. A slow or hung embedder
+            # is a failure of the tier, counted and logged once per burst.
+            self._fail("embedder", "embedding took longer than --embed-timeout, skipped")
+            return None
+        except (BatcherSaturated, ImageDecodeError) as exc:
+            # Busy, or an image that is not one (bomb, SVG, corrupt): a load or client matter,
             # not a failure of the tier. The request goes on without the semantic tier.
             log.info("cache=semantic-skipped reason=%s", type(exc).__name__)
             return None

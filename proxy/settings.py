@@ -52,6 +52,11 @@ class Settings(BaseSettings):
         gt=0,
         description="Largest JSON request body the proxy accepts (413 beyond it).",
     )
+    body_read_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a client may take to send a chat request's body (408 beyond it).",
+    )
     max_images: int = Field(
         4, ge=1, description="Most images one request may carry and still be cached."
     )

@@ -15,6 +15,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -23,8 +24,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import claims, maintenance, reports
-from .database import create_engine, upgrade_schema
-from .errors import StoreUnavailable
+from .database import create_engine, sqlite_path, upgrade_schema
+from .errors import MigrationError, StoreUnavailable
 from .index import Candidate
 from .ledger import Ledger
 from .maintenance import MaintenanceReport, Retention
@@ -67,8 +68,14 @@ class CacheStore:
         snapshot_interval: float = 300.0,
         sync_interval: float = 1.0,
         retention: Retention | None = None,
+        url: str | None = None,
     ) -> None:
         self._engine = engine
+        self._url = url
+        self._sqlite_file = sqlite_path(url) if url is not None else None
+        self._sqlite_identity: tuple[int, int] | None = None  # read by ``open``
+        self._failing = 0  # store failures in a row (logged once per burst)
+        self.on_failure: Callable[[], None] | None = None  # counts a store failure (metrics)
         self._retention = retention or Retention()
         self._last_maintenance = time.monotonic()
         self.maintained = MaintenanceReport()  # totals since start (metrics)
@@ -128,7 +135,10 @@ class CacheStore:
             snapshot_interval=snapshot_interval,
             sync_interval=sync_interval,
             retention=retention,
+            url=url,
         )
+        if store._sqlite_file is not None:
+            store._sqlite_identity = await asyncio.to_thread(_file_identity, store._sqlite_file)
         store._writer = asyncio.create_task(store._write_forever(), name="vlcache-store-writer")
         return store
 
@@ -420,13 +430,51 @@ class CacheStore:
                 self._linger.cancel()
                 self._linger = None
             try:
+                await self._reopen_if_replaced()
                 await self.flush()
                 await self._sync_if_due()
                 await self._renew_claims_if_due()
                 await self._maintain_if_due()
                 await self._snapshot_if_due()
             except StoreUnavailable as exc:
-                log.error("store write failed, will retry: %s", exc)
+                self._failed(f"store write failed, will retry every {self._tick:g} s: {exc}")
+            else:
+                if self._failing:
+                    log.warning("store writes resumed after %d failed attempts", self._failing)
+                    self._failing = 0
+
+    def _failed(self, message: str) -> None:
+        """Count a failure of the store; log the first of a burst (the rest are counted)."""
+        self._failing += 1
+        if self.on_failure is not None:
+            self.on_failure()
+        if self._failing == 1:
+            log.error("%s", message)
+
+    async def _reopen_if_replaced(self) -> None:
+        """Notice a SQLite file deleted or replaced under the running store, and open the new one.
+
+        Pooled connections would otherwise go on writing to the unlinked file, and everything
+        cached from then on would be gone at the next start.
+        """
+        if self._sqlite_file is None or self._url is None:
+            return
+        identity = await asyncio.to_thread(_file_identity, self._sqlite_file)
+        if identity == self._sqlite_identity:
+            return
+        self._failed(
+            f"the database file {self._sqlite_file} was deleted or replaced: "
+            "starting on a fresh one (what it held is gone)"
+        )
+        await self._engine.dispose()
+        try:
+            await upgrade_schema(self._url)
+        except MigrationError as exc:
+            raise StoreUnavailable(f"cannot make a new database file: {exc}") from exc
+        self._sqlite_identity = await asyncio.to_thread(_file_identity, self._sqlite_file)
+        self._memory.clear()
+        if self._vectors is not None:
+            await self._vectors.rebuild()
 
     async def sync(self) -> tuple[int, int]:
         """Follow what other processes changed in SQL; returns (entries indexed, withdrawn).
@@ -618,3 +666,12 @@ async def _insert_entries(conn: AsyncConnection, batch: list[NewEntry]) -> list[
     )
     retired = [row.id for row in result]
     return retired
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, or None when it does not exist."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,26 @@ def create_engine(url: str) -> AsyncEngine:
     engine = create_async_engine(url, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "handle_error", _sqlite_file_errors_disconnect)
     return engine
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for other databases and in-memory SQLite)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return None
+    return None if parsed.database == ":memory:" else Path(parsed.database)
+
+
+def _sqlite_file_errors_disconnect(context: Any) -> None:
+    # A connection opened while the file was read-only (or unreadable) stays that way: have the
+    # pool drop it like a broken connection, so writes work again once the file is fixed.
+    error = context.original_exception
+    if isinstance(error, sqlite3.OperationalError) and any(
+        sign in str(error) for sign in ("readonly", "disk I/O error", "unable to open")
+    ):
+        context.is_disconnect = True
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

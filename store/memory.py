@@ -51,3 +51,8 @@ class MemoryAnswers:
         answer = self._items.pop(key, None)
         if answer is not None:
             self._bytes -= len(answer.body) + _OVERHEAD
+
+    def clear(self) -> None:
+        """Forget every answer."""
+        self._items.clear()
+        self._bytes = 0

@@ -172,11 +172,6 @@ async def test_a_hanging_embedder_is_abandoned_within_the_budget_and_recovers(
     assert len(fake.chat_calls) == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an embedding over --embed-timeout is logged at INFO on every request and never "
-    "counted: proxy/service.py CacheService._embed treats TimeoutError as a client matter",
-)
 async def test_a_hanging_embedder_is_counted_and_logged_once_per_burst(
     aiohttp_server: Any,
     make_admin: AdminFactory,
@@ -305,12 +300,6 @@ async def test_a_read_only_sqlite_file_is_answered_around(
     assert len(fake.chat_calls) == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connections the pool opens while the SQLite file is read-only open it read-only and "
-    "stay pooled: every write fails ('attempt to write a readonly database') until a restart "
-    "(store/database.py create_engine: SQLAlchemy only discards connections on disconnects)",
-)
 async def test_caching_resumes_once_a_read_only_sqlite_file_is_writable_again(
     make_proxy: ProxyFactory,
     upstream: tuple[FakeUpstream, TestServer],
@@ -334,11 +323,6 @@ async def test_caching_resumes_once_a_read_only_sqlite_file_is_writable_again(
     assert len(fake.chat_calls) == 7
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store/cache.py CacheStore._write_forever logs 'store write failed' on every retry "
-    "(each flush tick) and never counts it in vlcache_failures_total{component='store'}",
-)
 async def test_a_read_only_sqlite_file_is_counted_and_logged_once_per_burst(
     make_proxy: ProxyFactory,
     make_admin: AdminFactory,
@@ -376,12 +360,6 @@ async def test_a_deleted_sqlite_file_never_fails_a_request(
     assert len(fake.chat_calls) == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a deleted SQLite file goes unnoticed: pooled connections keep writing the unlinked "
-    "file (healthz says ok, nothing is counted), a file made again by `vlcache migrate` is never "
-    "used, and all that is cached meanwhile is lost at restart (store/cache.py, store/database.py)",
-)
 async def test_a_deleted_sqlite_file_is_noticed_and_a_new_one_is_used(
     make_proxy: ProxyFactory,
     make_admin: AdminFactory,
