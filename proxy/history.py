@@ -101,10 +101,10 @@ class LogLines:
         for location, base, raw in self._lines:
             if isinstance(raw, Unreadable):
                 chunk.append((location, raw))
-            elif raw.strip():
-                chunk.append((location, read_line(raw, base, self._max_image_bytes)))
-            else:
+            elif raw.isspace():
                 chunk.append((location, None))
+            else:
+                chunk.append((location, read_line(raw, base, self._max_image_bytes)))
             if len(chunk) >= count:
                 break
         return chunk
