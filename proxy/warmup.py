@@ -327,8 +327,6 @@ class _Importer:
             raise Skip("request not cacheable", str(exc)) from None
         if call is None:
             raise Skip("request is not a chat")
-        if call.chat.stream and call.chat.format != "openai":
-            raise Skip("native streamed request (the proxy passes these through)")
         facts = read_answer(call.chat.format, exchange.answer)
         if not facts.complete:
             raise Skip('answer not complete (a finish_reason is not "stop")')

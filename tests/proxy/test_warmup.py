@@ -25,6 +25,7 @@ from aiohttp.test_utils import TestServer
 from sqlalchemy import text
 
 from embeddings.embedder import Embedder, load_embedder
+from embeddings.errors import EmbeddingError
 from embeddings.keys import namespace_for
 from proxy.app import STORE, create_app
 from proxy.cli import main
@@ -158,7 +159,7 @@ async def test_every_log_format_becomes_an_exact_hit(
     tmp_path: Path,
 ) -> None:
     fake, _ = upstream
-    photos = [jpeg_bytes(seed) for seed in range(1, 8)]
+    photos = [jpeg_bytes(seed) for seed in range(1, 7)]
     logs = tmp_path / "logs"
     await asyncio.to_thread(write_bytes, logs / "img" / "relative.jpg", photos[3])
     absolute = await asyncio.to_thread(write_bytes, tmp_path / "elsewhere" / "abs.jpg", photos[4])
@@ -302,10 +303,7 @@ async def test_the_report_gives_reasons_and_file_line_numbers(
         recording(
             openai_chat("Similar?", photo), openai_answer(MODEL, "s"), cache="HIT", match="semantic"
         ),  # 8
-        recording(
-            {**native_chat("Native stream?", photo), "parameters": {"incremental_output": True}},
-            native_answer(NATIVE_MODEL, "n"),
-        ),  # 9
+        {"custom_id": "x", "response": None, "error": {"code": "rate_limited"}},  # 9
         recording(
             openai_chat("Missing file?", "pictures/gone.jpg"), openai_answer(MODEL, "m")
         ),  # 10
@@ -330,7 +328,9 @@ async def test_the_report_gives_reasons_and_file_line_numbers(
         return [str(location) for location, _ in group[reason].lines]
 
     at = str(log)
-    assert (tally.lines, tally.imported, tally.duplicates, tally.errors) == (18, 2, 0, {})
+    assert (tally.lines, tally.imported, tally.duplicates, tally.errors) == (18, 2, 0, {}), (
+        tally.text()
+    )
     assert where(tally.without_vectors, "undecodable image") == [f"{at}:15"]
     expected = {
         "not valid JSON": [f"{at}:2", f"{more}:1"],
@@ -340,7 +340,7 @@ async def test_the_report_gives_reasons_and_file_line_numbers(
         'answer not complete (a finish_reason is not "stop")': [f"{at}:6"],
         "answer status is not 200": [f"{at}:7"],
         "semantic hit (answered from a similar picture)": [f"{at}:8"],
-        "native streamed request (the proxy passes these through)": [f"{at}:9"],
+        "batch line without a response": [f"{at}:9"],
         "image file not found": [f"{at}:10"],
         "no namespace (give --shared-namespace, --tenant or --api-key-env)": [f"{at}:11"],
         "request is not a chat": [f"{at}:12"],
@@ -351,6 +351,7 @@ async def test_the_report_gives_reasons_and_file_line_numbers(
     assert {reason: where(tally.skipped, reason) for reason in tally.skipped} == expected
     assert tally.skipped["answer status is not 200"].lines[0][1] == "500"
     assert "gone.jpg" in tally.skipped["image file not found"].lines[0][1]
+    assert tally.skipped["batch line without a response"].lines[0][1] == "rate_limited"
     report = tally.text()
     assert f"{at}:10 (" in report and "imported            2  (1 without vectors" in report
     document = tally.as_json()
@@ -366,6 +367,32 @@ async def test_the_report_gives_reasons_and_file_line_numbers(
             assert all(abs(expiry - (now + 3600)) < 60 for expiry in expiries)
     finally:
         await engine.dispose()
+
+
+class FakeBrokenEmbedder:
+    """An embedder whose every forward pass fails."""
+
+    id = "broken/1"
+    dim = 4
+    default_threshold = 0.9
+
+    def embed(self, images: Any) -> Any:
+        raise EmbeddingError("the model fell over")
+
+
+async def test_embedder_failures_are_errors_to_retry_not_entries_without_vectors(
+    tmp_path: Path,
+) -> None:
+    lines = [
+        recording(openai_chat("Pictured?", data_uri(jpeg_bytes(51))), openai_answer(MODEL, "p")),
+        recording(openai_chat("No picture?"), openai_answer(MODEL, "text")),
+    ]
+    log = await asyncio.to_thread(write_log, tmp_path / "log.jsonl", lines)
+    db_url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
+    tally = await warm_up(settings_for(db_url, tmp_path), [log], embedder=FakeBrokenEmbedder())
+    assert tally.imported == 1 and tally.error_count == 1
+    assert [str(where) for where, _ in tally.errors["embedder failed"].lines] == [f"{log}:1"]
+    assert "errors              1" in tally.text()
 
 
 async def test_image_urls_are_fetched_as_the_proxy_fetches_them(
