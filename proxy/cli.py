@@ -138,7 +138,13 @@ def _add_warmup(warmup: argparse.ArgumentParser) -> None:
         "request/response pairs) into the cache, with vectors for the semantic tier. Safe to "
         "run beside `vlcache serve` on the same store, and to run again (adds what is missing)."
     )
-    warmup.add_argument("files", nargs="+", type=Path, metavar="FILE", help="JSON Lines log")
+    warmup.add_argument(
+        "files",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="JSON Lines log; image file paths in it are relative to its directory",
+    )
     warmup.add_argument(
         "--tenant", metavar="NAME", help="import into tenant NAME's namespace (as --tenant-header)"
     )
