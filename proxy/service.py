@@ -50,6 +50,9 @@ Embedding: TypeAlias = "EmbeddedImages | asyncio.Task[EmbeddedImages | None] | N
 
 # Keyed calls remembered by the digest of their exact body bytes (calls without image bytes).
 _KNOWN_BODIES = 2048
+# Embedding an answer to store: attempts while the embedder is saturated, first backoff (s).
+_STORE_EMBED_ATTEMPTS = 5
+_STORE_EMBED_BACKOFF = 0.25
 
 
 class CacheService:
@@ -181,6 +184,9 @@ class CacheService:
                         request, body, call, hit.answer, started, "semantic", hit.similarity
                     )
                     return response, hit.answer
+            else:
+                # Busy or slow just now: the answer about to be stored still gets its vectors.
+                embedding = self._embed_beside(call)
         shared = await self._follow_other_process(call)
         if shared is not None:
             if isinstance(embedding, asyncio.Task):
@@ -312,7 +318,31 @@ class CacheService:
         """Start embedding a novel question's images while the upstream answers."""
         if self._semantic is None or not call.image_data or not call.store:
             return None
-        return asyncio.create_task(self._embed(call))
+        return asyncio.create_task(self._embed_to_store(call))
+
+    async def _embed_to_store(self, call: CachedCall) -> EmbeddedImages | None:
+        """The vectors an entry is stored with; retried while the embedder is busy or slow.
+
+        An entry stored without vectors could never be a semantic hit, so a saturated queue or
+        an embedding over the budget is waited out (with backoff) rather than given up at once.
+        Nobody waits for this but the entry's write; the exact tier serves it meanwhile.
+        """
+        assert self._semantic is not None
+        for attempt in range(_STORE_EMBED_ATTEMPTS):
+            try:
+                return await self._semantic.embed(call.image_data)
+            except (TimeoutError, BatcherSaturated):
+                await asyncio.sleep(_STORE_EMBED_BACKOFF * 2**attempt)
+            except ImageDecodeError:
+                return None  # not a picture the tier can use (bomb, SVG, corrupt)
+            except Exception:
+                self._fail("embedder", "embedding an answer to store failed")
+                return None
+        log.warning(
+            "embedder busy for %d attempts: answer stored without vectors (exact tier only)",
+            _STORE_EMBED_ATTEMPTS,
+        )
+        return None
 
     async def _lookup_semantic(
         self, call: CachedCall, embedded: EmbeddedImages

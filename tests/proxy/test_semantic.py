@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from typing import Any
 
@@ -194,3 +195,30 @@ async def test_a_deleted_entry_leaves_the_index(
     assert store.vectors.size == 0
     assert (await ask(client, semantic_proxy, photos["phone_q60"]))["X-Cache"] == "MISS"
     assert len(fake.chat_calls) == 2
+
+
+async def test_answers_stored_while_the_embedder_is_saturated_still_get_vectors(
+    aiohttp_server: Any,
+    upstream: tuple[FakeUpstream, TestServer],
+    embedder: Embedder,
+    client: aiohttp.ClientSession,
+    photos: dict[str, bytes],
+    tmp_path,
+) -> None:
+    settings = Settings(
+        upstream=str(upstream[1].make_url("/")),
+        data_dir=tmp_path / "data",
+        embedder="efficientnet-lite0",
+        embed_queue=1,  # one image waiting at most: a burst overflows it at once
+    )
+    proxy = await aiohttp_server(create_app(settings, embedder=embedder))
+    names = ("phone", "tablet", "watch", "phone_3999")
+    asked = await asyncio.gather(
+        *(ask(client, proxy, photos[name], f"What is #{n}?") for n, name in enumerate(names))
+    )
+    assert [headers["X-Cache"] for headers in asked] == ["MISS"] * 4
+    await settle(proxy.app)
+    store = proxy.app[STORE]
+    assert store.vectors is not None and store.vectors.size == 4  # none was left without vectors
+    headers = await ask(client, proxy, photos["phone_q60"], "What is #0?")
+    assert headers["X-Cache-Match"] == "semantic"
