@@ -7,6 +7,8 @@ import io
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,17 +68,41 @@ async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'db' / 'vlcache.db'}"
         return
+    async with pg_database() as (url, _):
+        yield url
+
+
+@asynccontextmanager
+async def pg_database(prefix: str = "vlcache_test_") -> AsyncIterator[tuple[str, PgAdmin]]:
+    """A new PostgreSQL database (its SQLAlchemy URL, and an admin connection to drop or re-create
+    it), dropped afterwards; the test is skipped when no server is reachable."""
     admin = await _pg_admin()
     if admin is None:
         pytest.skip(f"no PostgreSQL server reachable at {PG_ADMIN_URL} (set VLCACHE_TEST_PG_URL)")
-    name = "vlcache_test_" + uuid.uuid4().hex[:12]
+    name = prefix + uuid.uuid4().hex[:12]
     await admin.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
     try:
-        yield f"{base}/{name}"
+        yield f"{base}/{name}", PgAdmin(admin, name)
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+@dataclass(frozen=True)
+class PgAdmin:
+    """An admin connection to the server holding a test database, to break it on purpose."""
+
+    connection: asyncpg.Connection
+    name: str
+
+    async def drop(self) -> None:
+        """Drop the database under the running proxy (connections are forced out)."""
+        await self.connection.execute(f'DROP DATABASE "{self.name}" WITH (FORCE)')
+
+    async def create(self) -> None:
+        """Create it again, empty."""
+        await self.connection.execute(f'CREATE DATABASE "{self.name}"')
 
 
 ProxyFactory = Callable[..., Awaitable[TestServer]]

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import orjson
 import pytest
 from aiohttp.test_utils import TestServer
@@ -18,12 +16,12 @@ from embeddings.keys import namespace_for
 from proxy.app import create_app, settle
 from proxy.settings import Settings
 from tests.conftest import (
-    PG_ADMIN_URL,
     AdminFactory,
     ProxyFactory,
     data_uri,
     jpeg_bytes,
     openai_chat,
+    pg_database,
 )
 from tests.fakes import FakeUpstream
 
@@ -302,18 +300,11 @@ async def test_entries_list_inspect_delete_and_purge(
 async def test_health_reports_a_broken_store_and_stats_say_503(
     make_proxy: ProxyFactory, make_admin: AdminFactory, client: aiohttp.ClientSession
 ) -> None:
-    try:
-        pg = await asyncpg.connect(PG_ADMIN_URL, timeout=3)
-    except (OSError, asyncpg.PostgresError):
-        pytest.skip(f"no PostgreSQL server reachable at {PG_ADMIN_URL}")
-    name = "vlcache_health_" + uuid.uuid4().hex[:10]
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
-    await pg.execute(f'CREATE DATABASE "{name}"')
-    try:
-        proxy = await make_proxy(db=f"{base}/{name}")
+    async with pg_database("vlcache_health_") as (url, pg):
+        proxy = await make_proxy(db=url)
         admin = await make_admin(proxy)
         assert (await admin_get(client, admin, "/healthz"))[1]["status"] == "ok"
-        await pg.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await pg.drop()
         status, health = await admin_get(client, admin, "/healthz")
         assert (status, health["status"]) == (200, "degraded")
         assert health["store"].startswith("unavailable")
@@ -323,9 +314,6 @@ async def test_health_reports_a_broken_store_and_stats_say_503(
         assert status == 200
         assert samples(text)[("vlcache_failures_total", (("component", "store"),))] >= 1
         assert (await admin_get(client, admin, "/readyz"))[0] == 200  # fail-open: still serving
-    finally:
-        await pg.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await pg.close()
 
 
 class BrokenEmbedder:

@@ -5,17 +5,15 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
-import asyncpg
 import pytest
 from aiohttp.test_utils import TestServer
 
 from proxy.demo import product_photo, reencoded
-from tests.conftest import PG_ADMIN_URL, data_uri, jpeg_bytes, openai_chat
+from tests.conftest import data_uri, jpeg_bytes, openai_chat, pg_database
 from tests.fakes import FakeUpstream
 from tests.proxy.test_cli import start_serve
 
@@ -24,18 +22,8 @@ KEY = {"Authorization": "Bearer sk-replicas"}
 
 @pytest.fixture
 async def pg_url() -> AsyncIterator[str]:
-    try:
-        admin = await asyncpg.connect(PG_ADMIN_URL, timeout=3)
-    except (OSError, asyncpg.PostgresError):
-        pytest.skip(f"no PostgreSQL server reachable at {PG_ADMIN_URL}")
-    name = "vlcache_replicas_" + uuid.uuid4().hex[:10]
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
-    try:
-        yield f"{base}/{name}"
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with pg_database("vlcache_replicas_") as (url, _):
+        yield url
 
 
 class Replica:
