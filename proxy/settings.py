@@ -110,6 +110,11 @@ class Settings(BaseSettings):
     embed_precision: str = Field(
         "auto", description="Embedder precision: auto (bf16 where the CPU has it), fp32 or bf16."
     )
+    embed_runtime: str = Field(
+        "auto",
+        description="What runs the embedder: onnx (ONNX Runtime, the model exported once and "
+        "cached in the data directory), torch, or auto (onnx where it loads, else torch).",
+    )
     embed_threads: int | None = Field(
         None, ge=1, description="Torch threads for the embedder (default: torch's choice)."
     )
@@ -228,6 +233,13 @@ class Settings(BaseSettings):
     def _known_precision(cls, value: str) -> str:
         if value not in ("auto", "fp32", "bf16"):
             raise ValueError("precision must be auto, fp32 or bf16")
+        return value
+
+    @field_validator("embed_runtime")
+    @classmethod
+    def _known_runtime(cls, value: str) -> str:
+        if value not in ("auto", "onnx", "torch"):
+            raise ValueError("runtime must be auto, onnx or torch")
         return value
 
     @field_validator("upstream")
