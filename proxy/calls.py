@@ -12,6 +12,7 @@ from multidict import CIMultiDictProxy
 from embeddings.keys import exact_key, image_digest, namespace_for, question_fingerprint
 
 from .fetch import ImageFetcher
+from .native_sse import asks_for_stream
 from .protocol import ChatRequest, parse_chat
 from .settings import Settings
 
@@ -58,13 +59,15 @@ class Keyer:
         return namespace_for(credential, shared=settings.shared_namespace, tenant=tenant)
 
     async def body_key(self, headers: CIMultiDictProxy[str], body: bytes) -> str:
-        """A digest of namespace + exact body bytes: byte-identical repeats skip the parse."""
-        namespace = self.namespace(headers).encode()
+        """A digest of namespace + exact body bytes: byte-identical repeats skip the parse.
+
+        A native request asks for a stream in a header, not in its body: the same bytes with
+        and without ``X-DashScope-SSE`` are two requests (one answer, two forms).
+        """
+        scope = self.namespace(headers).encode() + (b"\0sse" if asks_for_stream(headers) else b"")
         if len(body) > _INLINE_HASH_BYTES:
-            return await asyncio.get_running_loop().run_in_executor(
-                None, _body_digest, namespace, body
-            )
-        return _body_digest(namespace, body)
+            return await asyncio.get_running_loop().run_in_executor(None, _body_digest, scope, body)
+        return _body_digest(scope, body)
 
     async def key(
         self, headers: CIMultiDictProxy[str], body: bytes, *, namespace: str | None = None
@@ -74,10 +77,11 @@ class Keyer:
         ``namespace`` replaces the one the headers give (warm-up: logged requests carry no
         credentials, only the namespace they were keyed in or one named on the command line).
         """
+        sse = asks_for_stream(headers)
         if len(body) > _INLINE_PARSE_BYTES:
-            chat = await asyncio.get_running_loop().run_in_executor(None, self._parse, body)
+            chat = await asyncio.get_running_loop().run_in_executor(None, self._parse, body, sse)
         else:
-            chat = self._parse(body)
+            chat = self._parse(body, sse)
         if chat is None:
             return None
         images = []
@@ -106,15 +110,18 @@ class Keyer:
             store="no-store" not in directives,
         )
 
-    def _parse(self, body: bytes) -> ChatRequest | None:
+    def _parse(self, body: bytes, sse_requested: bool) -> ChatRequest | None:
         settings = self._settings
         return parse_chat(
-            body, max_images=settings.max_images, max_image_bytes=settings.max_image_bytes
+            body,
+            max_images=settings.max_images,
+            max_image_bytes=settings.max_image_bytes,
+            sse_requested=sse_requested,
         )
 
 
-def _body_digest(namespace: bytes, body: bytes) -> str:
-    digest = hashlib.sha256(namespace)
+def _body_digest(scope: bytes, body: bytes) -> str:
+    digest = hashlib.sha256(scope)
     digest.update(b"\0")
     digest.update(body)
     return digest.hexdigest()

@@ -56,8 +56,14 @@ class ChatRequest:
     question: str
 
 
-def parse_chat(body: bytes, *, max_images: int, max_image_bytes: int) -> ChatRequest | None:
-    """Parse ``body``; None when it is not a chat request at all."""
+def parse_chat(
+    body: bytes, *, max_images: int, max_image_bytes: int, sse_requested: bool = False
+) -> ChatRequest | None:
+    """Parse ``body``; None when it is not a chat request at all.
+
+    ``sse_requested``: the request carried ``X-DashScope-SSE: enable``, which is how a native
+    request asks to be streamed (its ``incremental_output`` only shapes the frames of a stream).
+    """
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -85,10 +91,7 @@ def parse_chat(body: bytes, *, max_images: int, max_image_bytes: int) -> ChatReq
         raise Uncacheable("messages is not a non-empty list")
     reader = _MessageReader(max_images=max_images, max_image_bytes=max_image_bytes)
     turns = tuple(reader.read(message) for message in messages)
-    if request_format == "openai":
-        stream = params.get("stream") is True
-    else:
-        stream = params.get("incremental_output") is True
+    stream = params.get("stream") is True if request_format == "openai" else sse_requested
     return ChatRequest(
         format=request_format,
         model=model,

@@ -36,6 +36,7 @@ from .calls import CachedCall, Keyer, cache_directives
 from .errors import BodyTimeout, BodyTooLarge, ClientGone, ProxyError, Uncacheable
 from .failures import FailureLog
 from .freshness import entry_ttl
+from .native_sse import NativeStreamAssembler, incremental_output, native_frames
 from .protocol import read_answer
 from .recorder import Exchange, Recorder
 from .semantic import EmbeddedImages, SemanticHit, SemanticTier
@@ -133,10 +134,6 @@ class CacheService:
         if call is None:
             return await self._pass_through(request, body)
         self._remember(body_key, call)
-        if call.chat.stream and call.chat.format != "openai":
-            # Native (DashScope) streaming is relayed untouched; its frames are not cached yet.
-            self._accounting.count("bypass", call.namespace, call.chat.model)
-            return await self._pass_through(request, body)
         # A known body was looked up above under this very exact key: a miss there is a miss here.
         if call.lookup and not looked_up:
             served = await self._serve_exact(request, body, call, started)
@@ -476,7 +473,13 @@ class CacheService:
         embedding: Embedding,
     ) -> tuple[web.StreamResponse, StoredAnswer | None]:
         """Relay a streamed miss chunk by chunk; store the answer it spelled out if complete."""
-        assembler = StreamAssembler()
+        assembler: StreamAssembler | NativeStreamAssembler = (
+            NativeStreamAssembler(
+                model=call.chat.model, incremental=incremental_output(call.chat.params)
+            )
+            if call.chat.format == "native"
+            else StreamAssembler()
+        )
         started = time.perf_counter()
         try:
             async with self._upstream.open(
@@ -687,15 +690,20 @@ def _identity(request: web.Request) -> CIMultiDict[str]:
 async def _replay(
     request: web.Request, call: CachedCall, answer: StoredAnswer, headers: dict[str, str]
 ) -> web.StreamResponse:
-    """Serve a stored answer to a ``stream: true`` request as ``chat.completion.chunk`` frames."""
-    options = call.chat.params.get("stream_options")
-    include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    completion = orjson.loads(answer.body)
+    """Serve a stored answer to a streaming request as its format's frames: OpenAI
+    ``chat.completion.chunk`` frames, or native DashScope ``event:result`` frames."""
+    stored = orjson.loads(answer.body)
+    if call.chat.format == "native":
+        frames = native_frames(stored, incremental=incremental_output(call.chat.params))
+    else:
+        options = call.chat.params.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        frames = replay_frames(stored, include_usage=include_usage)
     headers = {**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     out = web.StreamResponse(status=200, headers=headers)
     await out.prepare(request)
     try:
-        for frame in replay_frames(completion, include_usage=include_usage):
+        for frame in frames:
             await out.write(frame)
     except ConnectionResetError:
         log.info("client went away during a replay")

@@ -7,6 +7,9 @@ It says the stream is complete only when every choice finished with ``"stop"`` a
 
 ``replay_frames`` turns a stored ``chat.completion`` back into ``chat.completion.chunk`` frames,
 the way a model would have streamed it, ending in ``data: [DONE]``.
+
+``EventSplitter`` (bytes to events) and ``text_pieces`` (a text in a few chunks) serve the native
+DashScope stream too (``native_sse``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import orjson
 
 _DONE = b"[DONE]"
 _REPLAY_PIECES = 8
+# Bytes of one stream an assembler reads before it gives up on storing the answer.
+MAX_ASSEMBLED_BYTES = 8 * 1024 * 1024
 
 
 @dataclass
@@ -32,31 +37,47 @@ class _Choice:
     saw_content: bool = False
 
 
+class EventSplitter:
+    """Cuts a byte stream into server-sent events, whatever the chunks' split; gives up past a
+    size cap, so an endless stream never holds memory without bound."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._buffer = b""
+        self._seen = 0
+        self._max_bytes = max_bytes
+        self.overflowed = False
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The events completed by ``chunk`` (lines joined by LF, without the blank line)."""
+        self._seen += len(chunk)
+        if self._seen > self._max_bytes:
+            self.overflowed = True
+            self._buffer = b""
+        if self.overflowed:
+            return []
+        self._buffer += chunk.replace(b"\r\n", b"\n")
+        *events, self._buffer = self._buffer.split(b"\n\n")
+        return events
+
+
 class StreamAssembler:
     """Rebuilds a ``chat.completion`` from the SSE bytes of a streamed one."""
 
-    def __init__(self, max_bytes: int = 8 * 1024 * 1024) -> None:
-        self._buffer = b""
+    def __init__(self, max_bytes: int = MAX_ASSEMBLED_BYTES) -> None:
+        self._events = EventSplitter(max_bytes)
         self._choices: dict[int, _Choice] = {}
         self._meta: dict[str, Any] = {}
         self._usage: Any = None
         self._done = False
         self._broken = False
-        self._seen = 0
-        self._max_bytes = max_bytes
 
     def feed(self, chunk: bytes) -> None:
         """Take the next bytes of the stream (any split)."""
         if self._broken:
             return
-        self._seen += len(chunk)
-        if self._seen > self._max_bytes:
-            self._broken = True
-            return
-        self._buffer += chunk.replace(b"\r\n", b"\n")
-        while b"\n\n" in self._buffer:
-            event, self._buffer = self._buffer.split(b"\n\n", 1)
+        for event in self._events.feed(chunk):
             self._event(event)
+        self._broken = self._broken or self._events.overflowed
 
     def _event(self, event: bytes) -> None:
         data = b"\n".join(
@@ -189,9 +210,9 @@ def replay_frames(completion: dict[str, Any], *, include_usage: bool) -> Iterato
         index = choice.get("index", 0)
         message = choice.get("message") or {}
         yield frame([_delta(index, {"role": message.get("role", "assistant"), "content": ""})])
-        for piece in _pieces(message.get("reasoning_content") or ""):
+        for piece in text_pieces(message.get("reasoning_content") or ""):
             yield frame([_delta(index, {"reasoning_content": piece})])
-        for piece in _pieces(message.get("content") or ""):
+        for piece in text_pieces(message.get("content") or ""):
             yield frame([_delta(index, {"content": piece})])
         for number, call in enumerate(message.get("tool_calls") or []):
             yield frame([_delta(index, {"tool_calls": [{"index": number, **call}]})])
@@ -205,7 +226,7 @@ def _delta(index: int, delta: dict[str, Any], finish_reason: str | None = None) 
     return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
-def _pieces(text: str) -> list[str]:
+def text_pieces(text: str) -> list[str]:
     """Split ``text`` into a few chunks (on word boundaries where possible)."""
     if not text:
         return []

@@ -1,10 +1,12 @@
 """``StandIn``: a built-in stand-in for a Qwen3-VL endpoint, for the demo and benchmarks.
 
-It speaks both request shapes the proxy understands (OpenAI chat completions, streamed or not,
-and the native ``input``/``parameters`` form), answers deterministically (the answer names a
-digest of the request body, so a different image or question gets a different answer), takes a
-configurable time to answer like a real model (the seed article measured 800-1500 ms), and keeps a
-record of every request it received.
+It speaks both request shapes the proxy understands, streamed or not: OpenAI chat completions
+(``stream: true``) and the native ``input``/``parameters`` form (streamed when asked with
+``X-DashScope-SSE: enable``, new text per frame unless ``incremental_output`` is false, as
+Qwen3-VL does). It answers deterministically (the answer names a digest of the request body, so a
+different image or question gets a different answer), takes a configurable time to answer like a
+real model (the seed article measured 800-1500 ms), and keeps a record of every request it
+received.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from .native_sse import asks_for_stream, native_frames
 
 MODEL = "qwen3-vl-8b-instruct"
 
@@ -76,7 +80,12 @@ class StandIn:
         text = answer_text(body)
         model = str(doc.get("model") or MODEL)
         if "input" in doc:
-            return web.json_response(native_answer(model, text))
+            answer = native_answer(model, text)
+            if asks_for_stream(request.headers):
+                params = doc.get("parameters")
+                full = isinstance(params, dict) and params.get("incremental_output") is False
+                return await self._stream_native(request, answer, incremental=not full)
+            return web.json_response(answer)
         if doc.get("stream") is True:
             options = doc.get("stream_options")
             usage = isinstance(options, dict) and options.get("include_usage") is True
@@ -102,6 +111,16 @@ class StandIn:
             }
             await response.write(b"data: " + orjson.dumps(last) + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def _stream_native(
+        self, request: web.Request, answer: dict[str, Any], *, incremental: bool
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream;charset=UTF-8"})
+        await response.prepare(request)
+        for frame in native_frames(answer, incremental=incremental):
+            await response.write(frame)
         await response.write_eof()
         return response
 

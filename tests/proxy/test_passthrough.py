@@ -81,8 +81,11 @@ async def test_streamed_chat_is_relayed_frame_for_frame(
     native = native_chat("Stream it natively", data_uri(jpeg_bytes(12)))
     native["parameters"]["incremental_output"] = True
     path = "/api/v1/services/aigc/multimodal-generation/generation"
-    async with client.post(proxy.make_url(path), json=native, headers=AUTH) as r:
-        assert r.headers["X-Cache"] == "BYPASS"  # native streams are not cached (yet)
+    sse = {**AUTH, "X-DashScope-SSE": "enable"}  # how a native request asks for a stream
+    async with client.post(proxy.make_url(path), json=native, headers=sse) as r:
+        assert r.headers["X-Cache"] == "MISS"  # cached like OpenAI streams
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        assert (await r.read()).startswith(b"id:1\nevent:result\n:HTTP_STATUS/200\ndata:")
     request = openai_chat("Stream it", data_uri(jpeg_bytes(12)), stream=True)
     async with client.post(proxy.make_url("/v1/chat/completions"), json=request, headers=AUTH) as r:
         assert r.headers["X-Cache"] == "MISS"
