@@ -173,7 +173,7 @@ class CacheService:
         if not call.lookup or not self._wants_semantic_lookup(call):
             embedding = self._embed_beside(call)
         else:
-            embedding = await self._embed(call)
+            embedding, for_now = await self._embed(call)
             if embedding is not None:
                 hit = await self._lookup_semantic(call, embedding)
                 if hit is not None:
@@ -181,7 +181,7 @@ class CacheService:
                         request, body, call, hit.answer, started, "semantic", hit.similarity
                     )
                     return response, hit.answer
-            else:
+            elif for_now:
                 # Busy or slow just now: the answer about to be stored still gets its vectors.
                 embedding = self._embed_beside(call)
         shared = await self._follow_other_process(call)
@@ -289,27 +289,32 @@ class CacheService:
             )
         )
 
-    async def _embed(self, call: CachedCall) -> EmbeddedImages | None:
+    async def _embed(self, call: CachedCall) -> tuple[EmbeddedImages | None, bool]:
+        """The request's vectors for a look-up, and whether a failure was only for now (the
+        embedder busy or slow: worth trying again for the answer to store)."""
         if self._semantic is None or not call.image_data:
-            return None
+            return None, False
         embedding = time.perf_counter()
         try:
             embedded = await self._semantic.embed(call.image_data)
             self._accounting.metrics.embed_seconds.observe(time.perf_counter() - embedding)
-            return embedded
+            return embedded, False
         except TimeoutError:
             # Over the budget: the request goes on without the tier. A slow or hung embedder
             # is a failure of the tier, counted and logged once per burst.
             self._fail("embedder", "embedding took longer than --embed-timeout, skipped")
-            return None
-        except (BatcherSaturated, ImageDecodeError) as exc:
-            # Busy, or an image that is not one (bomb, SVG, corrupt): a load or client matter,
-            # not a failure of the tier. The request goes on without the semantic tier.
-            log.info("cache=semantic-skipped reason=%s", type(exc).__name__)
-            return None
+            return None, True
+        except BatcherSaturated:
+            # Busy: a load matter, not a failure of the tier.
+            log.info("cache=semantic-skipped reason=BatcherSaturated")
+            return None, True
+        except ImageDecodeError:
+            # Not a picture the tier can use (bomb, SVG, corrupt): a client matter.
+            log.info("cache=semantic-skipped reason=ImageDecodeError")
+            return None, False
         except Exception:
             self._fail("embedder", "embedding failed, answering without the semantic tier")
-            return None
+            return None, False
 
     def _embed_beside(self, call: CachedCall) -> asyncio.Task[EmbeddedImages | None] | None:
         """Start embedding a novel question's images while the upstream answers."""
