@@ -263,6 +263,37 @@ async def test_every_log_format_becomes_an_exact_hit(
     assert stored[0] is not None and stored[0].prompt_tokens == 1200
 
 
+async def test_what_serve_records_warms_a_fresh_store(
+    make_proxy: ProxyFactory,
+    upstream: tuple[FakeUpstream, TestServer],
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    fake, _ = upstream
+    record = tmp_path / "record.jsonl"
+    photo = data_uri(jpeg_bytes(61))
+    asked = [
+        (openai_chat("Recorded?", photo), "/v1/chat/completions"),
+        (openai_chat("Recorded stream?", photo, stream=True), "/v1/chat/completions"),
+        (native_chat("Recorded native?", photo), NATIVE_PATH),
+    ]
+    first = await make_proxy(record=record)
+    for body, path in asked:
+        headers, _ = await post(client, first, body, path=path)
+        assert headers["X-Cache"] == "MISS"
+    await first.close()  # the recorder writes what is queued, then stops
+    assert len(fake.chat_calls) == 3
+
+    fresh = f"sqlite+aiosqlite:///{tmp_path / 'fresh' / 'vlcache.db'}"
+    tally = await warm_up(settings_for(fresh, tmp_path), [record])
+    assert (tally.imported, tally.lines) == (3, 3), tally.text()
+    second = await make_proxy(db=fresh)
+    for body, path in asked:
+        headers, _ = await post(client, second, body, path=path)
+        assert (headers["X-Cache"], headers["X-Cache-Match"]) == ("HIT", "exact"), body
+    assert len(fake.chat_calls) == 3
+
+
 async def test_a_second_run_adds_nothing_and_repeats_are_duplicates(
     db_url: str, tmp_path: Path
 ) -> None:
