@@ -184,7 +184,12 @@ class CacheService:
             elif for_now:
                 # Busy or slow just now: the answer about to be stored still gets its vectors.
                 embedding = self._embed_beside(call)
-        shared = await self._follow_other_process(call)
+        try:
+            shared = await self._follow_other_process(call)
+        except StoreError:
+            if isinstance(embedding, asyncio.Task):
+                embedding.cancel()
+            return await self._fail_open(request, body, call), None
         if shared is not None:
             if isinstance(embedding, asyncio.Task):
                 embedding.cancel()
@@ -198,7 +203,7 @@ class CacheService:
         """Claim this miss for this process, or wait for the process that holds the claim.
 
         None means "ask the upstream": the claim is ours, or its holder gave up or died, or
-        cross-process coalescing is off, or the store cannot say (fail open).
+        cross-process coalescing is off. ``StoreError``: the store cannot say (fail open).
         """
         if not self._coalesce_across or not call.lookup or not call.store:
             return None
@@ -211,9 +216,6 @@ class CacheService:
             async with asyncio.timeout(self._settings.read_timeout):
                 return await self._store.await_claimed(call.exact_key)
         except TimeoutError:
-            return None
-        except StoreError:
-            self._fail("store", "cross-process coalescing failed, answering from the upstream")
             return None
 
     def _settle_claim(self, exact_key: str) -> None:

@@ -94,6 +94,13 @@ class CacheStore:
         self._snapshot_interval = snapshot_interval
         self._last_snapshot = time.monotonic()
         self._memory = MemoryAnswers(memory_bytes)
+        # Hashes of every exact key SQL may hold an entry under (loaded by ``open``, kept up to
+        # date by this process's writes and by the sync): a key not in it is a miss without a
+        # query. A hash collision only costs the query; ~70 bytes per entry.
+        self._known: set[int] | None = None
+        # False from a failed query to the next good one: while the database is unreachable,
+        # look-ups query it anyway, so callers learn it is down (and fail open).
+        self._reachable = True
         self._ledger = Ledger()
         self._pending: asyncio.Queue[NewEntry] = asyncio.Queue(_MAX_PENDING_WRITES)
         self._writer: asyncio.Task[None] | None = None
@@ -139,6 +146,7 @@ class CacheStore:
         )
         if store._sqlite_file is not None:
             store._sqlite_identity = await asyncio.to_thread(_file_identity, store._sqlite_file)
+        store._known = await store._load_known_keys()
         store._writer = asyncio.create_task(store._write_forever(), name="vlcache-store-writer")
         return store
 
@@ -180,6 +188,8 @@ class CacheStore:
             if answer.expires_at is None or answer.expires_at > now:
                 return answer
             self._memory.discard(exact_key)
+        if self._reachable and self._known is not None and hash(exact_key) not in self._known:
+            return None  # SQL holds no entry under this key: no query for a novel question
         row = await self._run(lambda conn: _first(conn, _BY_EXACT_KEY, {"key": exact_key}))
         if row is None:
             return None
@@ -217,6 +227,7 @@ class CacheStore:
     def hold(self, entry: NewEntry) -> None:
         """Serve ``entry`` from memory (exact tier) before it is added (while it is embedded)."""
         self._memory.put(entry.exact_key, entry.answer())
+        self._know(entry.exact_key)
 
     def add(self, entry: NewEntry) -> StoredAnswer | None:
         """Make ``entry`` servable now and queue its rows; None if the write queue is full."""
@@ -230,6 +241,7 @@ class CacheStore:
             return None
         answer = entry.answer()
         self._memory.put(entry.exact_key, answer)
+        self._know(entry.exact_key)
         # Semantic visibility needs the commit (candidates are read back from SQL): an entry with
         # vectors is written at once. Others linger a moment so a burst of misses costs one
         # commit, not one each (the memory tier serves them meanwhile), yet other processes on
@@ -266,6 +278,8 @@ class CacheStore:
             return fresh, await _insert_entries(conn, fresh)
 
         added, retired = await self._run(work)
+        for entry in added:
+            self._know(entry.exact_key)
         if self._vectors is not None:
             await self._vectors.add(added)
             await self._vectors.remove(retired)
@@ -377,6 +391,10 @@ class CacheStore:
             await self._vectors.remove(row.id for row in rows)
         return len(rows)
 
+    def _know(self, exact_key: str) -> None:
+        if self._known is not None:
+            self._known.add(hash(exact_key))
+
     def record(
         self,
         outcome: str,
@@ -473,8 +491,20 @@ class CacheStore:
             raise StoreUnavailable(f"cannot make a new database file: {exc}") from exc
         self._sqlite_identity = await asyncio.to_thread(_file_identity, self._sqlite_file)
         self._memory.clear()
+        self._known = set()
         if self._vectors is not None:
             await self._vectors.rebuild()
+
+    async def _load_known_keys(self) -> set[int]:
+        known: set[int] = set()
+        try:
+            async with self._engine.connect() as conn:
+                rows = await conn.stream(_LIVE_KEYS.execution_options(yield_per=10_000))
+                async for row in rows:
+                    known.add(hash(row.exact_key))
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return known
 
     async def sync(self) -> tuple[int, int]:
         """Follow what other processes changed in SQL; returns (entries indexed, withdrawn).
@@ -490,10 +520,13 @@ class CacheStore:
             held = self._memory.get(row.exact_key)
             if held is not None and held.entry_id == row.id:
                 self._memory.discard(row.exact_key)
+        fresh = await self._run(lambda conn: _all(conn, _CREATED_SINCE, {"since": since}))
+        if self._known is not None:
+            self._known.update(hash(row.exact_key) for row in fresh)
         added = 0
         if self._vectors is not None:
-            fresh = await self._run(lambda conn: _all(conn, _EMBEDDED_SINCE, {"since": since}))
-            added = await self._vectors.add_from_sql(self._vectors.missing(r.id for r in fresh))
+            embedded = (row.id for row in fresh if row.image_count)
+            added = await self._vectors.add_from_sql(self._vectors.missing(embedded))
             await self._vectors.remove(row.id for row in gone)
         self._synced_to = started
         return added, len(gone)
@@ -589,9 +622,12 @@ class CacheStore:
     async def _run(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         try:
             async with self._engine.begin() as conn:
-                return await work(conn)
+                result = await work(conn)
         except (SQLAlchemyError, OSError) as exc:
+            self._reachable = False
             raise StoreUnavailable(str(exc)) from exc
+        self._reachable = True
+        return result
 
 
 def _answer_query() -> Any:
@@ -627,9 +663,10 @@ _BY_ID = _answer_query().where(Entry.id == bindparam("entry_id"))
 _DELETED_SINCE = select(Entry.id, Entry.exact_key).where(
     Entry.deleted.is_(True), Entry.deleted_at >= bindparam("since")
 )
-_EMBEDDED_SINCE = select(Entry.id).where(
-    Entry.created_at >= bindparam("since"), Entry.deleted.is_(False), Entry.image_count > 0
+_CREATED_SINCE = select(Entry.id, Entry.exact_key, Entry.image_count).where(
+    Entry.created_at >= bindparam("since"), Entry.deleted.is_(False)
 )
+_LIVE_KEYS = select(Entry.exact_key).where(Entry.deleted.is_(False))
 
 
 async def _first(conn: AsyncConnection, query: Any, params: dict[str, Any] | None = None) -> Any:
