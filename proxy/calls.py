@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import time
 from dataclasses import dataclass
 
 from multidict import CIMultiDictProxy
 
 from embeddings.keys import exact_key, image_digest, namespace_for, question_fingerprint
+from store.cache import new_entry_id
+from store.records import NewEntry, NewImage
 
 from .fetch import ImageFetcher
 from .native_sse import asks_for_stream
@@ -36,6 +39,42 @@ class CachedCall:
     image_digests: tuple[str, ...]
     lookup: bool
     store: bool
+
+    def entry(
+        self,
+        *,
+        status: int,
+        content_type: str,
+        body: bytes,
+        prompt_tokens: int,
+        completion_tokens: int,
+        upstream_ms: float,
+        expires_at: float | None = None,
+    ) -> NewEntry:
+        """The entry that stores ``body`` as this call's answer (vectors come later)."""
+        return NewEntry(
+            entry_id=new_entry_id(),
+            namespace=self.namespace,
+            fingerprint=self.fingerprint,
+            exact_key=self.exact_key,
+            model=self.chat.model,
+            request_format=self.chat.format,
+            question=self.chat.question,
+            images=tuple(
+                NewImage(position, digest, len(data))
+                for position, (digest, data) in enumerate(
+                    zip(self.image_digests, self.image_data, strict=True)
+                )
+            ),
+            status=status,
+            content_type=content_type,
+            body=body,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            upstream_ms=upstream_ms,
+            created_at=time.time(),
+            expires_at=expires_at,
+        )
 
     def without_images(self) -> CachedCall:
         """This call without image bytes (small enough to remember)."""

@@ -15,7 +15,6 @@ nothing. The cache fails open: an error of the store, the embedder or the keying
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -26,9 +25,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from embeddings.errors import ImageDecodeError
-from store.cache import CacheStore, new_entry_id
+from store.cache import CacheStore
 from store.errors import StoreError
-from store.records import NewEntry, NewImage, StoredAnswer
+from store.records import NewEntry, StoredAnswer
 
 from .accounting import Accounting, NearMiss
 from .batcher import BatcherSaturated
@@ -586,29 +585,14 @@ class CacheService:
             return None
         if headers.get("Content-Encoding", "identity").lower() != "identity":
             return None
-        now = time.time()
-        return NewEntry(
-            entry_id=new_entry_id(),
-            namespace=call.namespace,
-            fingerprint=call.fingerprint,
-            exact_key=call.exact_key,
-            model=call.chat.model,
-            request_format=call.chat.format,
-            question=call.chat.question,
-            images=tuple(
-                NewImage(position, digest, len(data))
-                for position, (digest, data) in enumerate(
-                    zip(call.image_digests, call.image_data, strict=True)
-                )
-            ),
+        return call.entry(
             status=status,
             content_type=headers.get("Content-Type", "application/json"),
             body=body,
             prompt_tokens=facts.prompt_tokens,
             completion_tokens=facts.completion_tokens,
             upstream_ms=upstream_ms,
-            created_at=now,
-            expires_at=None if ttl is None else now + ttl,
+            expires_at=None if ttl is None else time.time() + ttl,
         )
 
     def _store_later(
@@ -725,15 +709,4 @@ def _with_vectors(
     """``entry`` with its images' vectors and thumbnails, when they were computed."""
     if embedded is None or embedder_id is None:
         return entry
-    images = tuple(
-        NewImage(
-            image.position,
-            image.sha256,
-            image.byte_size,
-            embedder_id,
-            embedded.vectors[image.position].astype("float32").tobytes(),
-            embedded.thumbnails[image.position],
-        )
-        for image in entry.images
-    )
-    return dataclasses.replace(entry, images=images)
+    return entry.with_vectors(embedder_id, embedded.vectors, embedded.thumbnails)

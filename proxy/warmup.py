@@ -46,9 +46,9 @@ from embeddings.errors import ImageDecodeError, ModelLoadError
 from embeddings.images import decode_image
 from embeddings.keys import namespace_for
 from embeddings.verifier import make_thumbnail
-from store.cache import CacheStore, new_entry_id
+from store.cache import CacheStore
 from store.errors import StoreError
-from store.records import NewEntry, NewImage
+from store.records import NewEntry
 
 from .app import open_embedder
 from .calls import CachedCall, Keyer
@@ -428,21 +428,11 @@ class _Importer:
         done = []
         row = 0
         for item in batch:
-            images = item.entry.images
+            entry = item.entry
             if item.pictures:
-                images = tuple(
-                    NewImage(
-                        image.position,
-                        image.sha256,
-                        image.byte_size,
-                        embedder.id,
-                        vectors[row + image.position].astype(np.float32).tobytes(),
-                        item.thumbnails[image.position],
-                    )
-                    for image in images
-                )
+                rows = vectors[row : row + len(item.pictures)]
+                entry = entry.with_vectors(embedder.id, rows, item.thumbnails)
                 row += len(item.pictures)
-            entry = dataclasses.replace(item.entry, images=images)
             done.append(_Pending(item.location, entry, no_vectors=item.no_vectors))
         return done
 
@@ -488,26 +478,12 @@ def _entry(
     call: CachedCall, exchange: LoggedExchange, facts: AnswerFacts, expires_at: float | None
 ) -> NewEntry:
     """The entry the proxy would have stored for this call and answer (without vectors)."""
-    return NewEntry(
-        entry_id=new_entry_id(),
-        namespace=call.namespace,
-        fingerprint=call.fingerprint,
-        exact_key=call.exact_key,
-        model=call.chat.model,
-        request_format=call.chat.format,
-        question=call.chat.question,
-        images=tuple(
-            NewImage(position, digest, len(data))
-            for position, (digest, data) in enumerate(
-                zip(call.image_digests, call.image_data, strict=True)
-            )
-        ),
+    return call.entry(
         status=exchange.status,
         content_type=exchange.content_type,
         body=exchange.answer,
         prompt_tokens=facts.prompt_tokens,
         completion_tokens=facts.completion_tokens,
         upstream_ms=exchange.upstream_ms,
-        created_at=time.time(),
         expires_at=expires_at,
     )

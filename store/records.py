@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +63,24 @@ class NewEntry:
     upstream_ms: float
     created_at: float
     expires_at: float | None = None
+
+    def with_vectors(
+        self, embedder: str, vectors: npt.NDArray[Any], thumbnails: Sequence[bytes]
+    ) -> NewEntry:
+        """This entry with its images' vectors (rows by position, made by ``embedder``) and
+        verifier thumbnails."""
+        images = tuple(
+            NewImage(
+                image.position,
+                image.sha256,
+                image.byte_size,
+                embedder,
+                np.asarray(vectors[image.position], dtype=np.float32).tobytes(),
+                thumbnails[image.position],
+            )
+            for image in self.images
+        )
+        return dataclasses.replace(self, images=images)
 
     def answer(self) -> StoredAnswer:
         """The answer as a hit will serve it."""
