@@ -1,13 +1,14 @@
 """Semantic tier speed: near-duplicate hit latency, its breakdown, micro-batching, miss overhead.
 
-Run from the repo root: ``/work/venv/bin/python bench/semantic_perf.py`` (about 3-5 minutes).
+Run from the repo root: ``/work/venv/bin/python bench/semantic_perf.py`` (about 8-10 minutes).
 
 Everything runs in this process on 127.0.0.1: the stand-in model (``proxy.standin.StandIn``,
 latency 0) and the real proxy (``proxy.app.create_app``) on ``web.AppRunner``s, and one aiohttp
 client on the same event loop (its own cost is in every figure, the direct-upstream baseline's
 too). For each embedder (EfficientNet-Lite0 with its packaged weights; open_clip ViT-B-32 with
-random weights saved to a temporary checkpoint: speed does not depend on the weights), fp32, and
-each torch thread count:
+random weights saved to a temporary checkpoint: speed does not depend on the weights), fp32, each
+runtime (``--runtimes``: ONNX Runtime, the export cached in a temporary directory, and torch) and
+each thread count, after waiting for the machine to be quiet (``--quiet`` cores of other work):
 
 1. semantic hits: one MISS stores a ~150 KB 900x700 photo-like JPEG, ``settle``, then
    ``--hits`` distinct re-encodings (other JPEG quality / chroma subsampling, so never an exact
@@ -21,6 +22,10 @@ each torch thread count:
    once and embeds beside the upstream; p50 through vlcache minus p50 of the same bodies sent
    straight to the stand-in. ``settle`` runs (untimed) after each miss, as a real model's
    800+ ms would let the embedding finish before the next request.
+
+Then, per embedder, the two runtimes' vectors are compared on the real photos of the quality set
+(``--equivalence refs``: its 708 reference pictures; ``all``: every picture, edits included;
+built by ``python -m bench.quality.dataset`` when missing), decoded as the proxy decodes them.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import asyncio
 import base64
 import datetime
 import hashlib
+import importlib.metadata
 import io
 import json
 import shlex
@@ -46,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -60,8 +67,14 @@ from aiohttp import web  # noqa: E402
 from exact_hit import photo_jpeg  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from embeddings.embedder import Embedder, cpu_has_native_bf16, load_embedder  # noqa: E402
+from embeddings.embedder import (  # noqa: E402
+    Embedder,
+    cpu_has_native_bf16,
+    load_embedder,
+    pixel_batch,
+)
 from embeddings.images import decode_image  # noqa: E402
+from embeddings.onnx_runtime import MIN_COSINE  # noqa: E402
 from embeddings.verifier import make_thumbnail, verify  # noqa: E402
 from proxy.app import STORE, create_app, settle  # noqa: E402
 from proxy.batcher import MicroBatcher  # noqa: E402
@@ -76,6 +89,8 @@ MAX_PIXELS = 40_000_000
 TARGET_HIT_P99_MS = {"efficientnet-lite0": 10.0, "clip": 40.0}
 TARGET_BATCH_RATIO = 1.5
 TARGET_MISS_OVERHEAD_MS = 2.0
+QUALITY_DIR = Path.home() / ".cache" / "vlcache-bench" / "quality"
+EQUIVALENCE_BATCH = 16
 HEADERS = {"Authorization": "Bearer bench-semantic-key"}
 
 
@@ -129,10 +144,14 @@ def chat(photo: bytes, question: str) -> bytes:
 
 @dataclass
 class Config:
-    """One measured embedder + thread count."""
+    """One measured embedder + runtime + thread count."""
 
     embedder: str
+    runtime: str
+    precision: str
     threads: int
+    load_seconds: float = 0.0
+    quiet_load: float = 0.0
     hits: list[float] = field(default_factory=list)
     matches: Counter[str] = field(default_factory=Counter)
     exact: list[float] = field(default_factory=list)
@@ -145,6 +164,27 @@ class Config:
     direct: list[float] = field(default_factory=list)
     miss_outcomes: Counter[str] = field(default_factory=Counter)
     other_cores: float = 0.0
+
+    @property
+    def label(self) -> str:
+        """How the tables name this configuration."""
+        if self.embedder == "none":
+            return "none"
+        return f"{self.embedder} {self.runtime} {self.precision}, {self.threads} thr"
+
+
+@dataclass
+class Equivalence:
+    """ONNX Runtime vs torch vectors of one embedder on the same decoded pictures."""
+
+    embedder: str
+    images: int
+    min_cosine: float
+    mean_gap: float
+    max_abs: float
+    worst: str
+    torch_rate: float
+    onnx_rate: float
 
 
 async def _start(app: web.Application) -> tuple[web.AppRunner, str]:
@@ -189,7 +229,8 @@ async def measure(
             data_dir=Path(data_dir),
             port=0,
             embedder=config.embedder,
-            embed_precision="fp32",
+            embed_precision=config.precision,
+            embed_runtime=config.runtime,
             embed_threads=config.threads,
             log_level="WARNING",
         )
@@ -266,6 +307,7 @@ async def _pieces(
             "decode_image (512 draft)",
             "make_thumbnail",
             "embed, batch 1 (direct)",
+            "of which preprocessing (resize, crop, to tensor, normalise)",
             "embed via MicroBatcher (incl. 2 ms max_wait)",
             "VectorIndex.search (1 entry)",
             "verify",
@@ -285,11 +327,12 @@ async def _pieces(
         started = time.perf_counter()
         vector = embedder.embed([image])
         pieces[keys[3]].append(time.perf_counter() - started)
-        pieces[keys[4]].append(await timed_async(lambda image=image: batcher.submit(image)))
-        pieces[keys[5]].append(timed(lambda vector=vector: index.search(("ns", "fp"), vector, 0)))
+        pieces[keys[4]].append(timed(lambda image=image: pixel_batch(embedder.preprocess, [image])))
+        pieces[keys[5]].append(await timed_async(lambda image=image: batcher.submit(image)))
+        pieces[keys[6]].append(timed(lambda vector=vector: index.search(("ns", "fp"), vector, 0)))
         started = time.perf_counter()
         verdict = verify(thumb, stored_thumb)
-        pieces[keys[6]].append(time.perf_counter() - started)
+        pieces[keys[7]].append(time.perf_counter() - started)
         if not verdict.passed:
             raise RuntimeError("verifier rejected a re-encoded copy")
 
@@ -297,7 +340,7 @@ async def _pieces(
             await store.thumbnails(entry)
             await store.answer_by_id(entry)
 
-        pieces[keys[7]].append(await timed_async(sql))
+        pieces[keys[8]].append(await timed_async(sql))
     await batcher.close()
     config.pieces = pieces
     config.pieces["_threshold"] = [threshold]
@@ -313,7 +356,7 @@ async def _misses(
     args: argparse.Namespace,
 ) -> None:
     for number in range(args.misses + 5):
-        body = chat(photo, f"New question number {number} about {config.threads} {config.embedder}")
+        body = chat(photo, f"New question number {number} about {config.label}")
         took, headers, _ = await post(session, url, body)
         await settle(app)
         d_took, _, _ = await post(session, direct_url, body)
@@ -325,7 +368,7 @@ async def _misses(
 
 async def miss_without_tier(photo: bytes, args: argparse.Namespace) -> Config:
     """The miss path of the same proxy with ``--embedder none``: what the tier itself adds."""
-    config = Config("none", torch.get_num_threads())
+    config = Config("none", "none", "none", torch.get_num_threads())
     standin = StandIn(latency=0.0)
     with tempfile.TemporaryDirectory(prefix="vlcache-semantic-") as data_dir:
         up_runner, up_url = await _start(standin.app())
@@ -378,7 +421,57 @@ async def _batching(
         executor.shutdown()
 
 
-def report(every: list[Config], args: argparse.Namespace, started: float, photo: bytes) -> str:
+def quality_pictures(which: str, directory: Path) -> list[Path]:
+    """The quality set's reference pictures (``refs``) or every picture in it (``all``)."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    paths = [ref["path"] for ref in manifest["references"]]
+    if which == "all":
+        paths += [pair["query"] for pair in manifest["pairs"]]
+    return [directory / path for path in dict.fromkeys(paths)]
+
+
+def equivalence(
+    name: str, torch_embedder: Embedder, onnx_embedder: Embedder, paths: list[Path]
+) -> Equivalence:
+    """Cosine and largest component difference of the two runtimes' vectors, picture by picture."""
+    cosines: list[npt.NDArray[np.float32]] = []
+    gaps: list[npt.NDArray[np.float32]] = []
+    spent = {"torch": 0.0, "onnx": 0.0}
+    for start in range(0, len(paths), EQUIVALENCE_BATCH):
+        chunk = paths[start : start + EQUIVALENCE_BATCH]
+        images = [
+            decode_image(path.read_bytes(), max_pixels=MAX_PIXELS, size=DECODE_SIZE)
+            for path in chunk
+        ]
+        began = time.perf_counter()
+        reference = torch_embedder.embed(images)
+        spent["torch"] += time.perf_counter() - began
+        began = time.perf_counter()
+        vectors = onnx_embedder.embed(images)
+        spent["onnx"] += time.perf_counter() - began
+        cosines.append((reference * vectors).sum(axis=1))
+        gaps.append(np.abs(reference - vectors).max(axis=1))
+    cosine = np.concatenate(cosines)
+    worst = int(cosine.argmin())
+    return Equivalence(
+        embedder=name,
+        images=len(paths),
+        min_cosine=float(cosine.min()),
+        mean_gap=float((1.0 - cosine.astype(np.float64)).mean()),
+        max_abs=float(np.concatenate(gaps).max()),
+        worst=paths[worst].name,
+        torch_rate=len(paths) / spent["torch"],
+        onnx_rate=len(paths) / spent["onnx"],
+    )
+
+
+def report(
+    every: list[Config],
+    same: list[Equivalence],
+    args: argparse.Namespace,
+    started: float,
+    photo: bytes,
+) -> str:
     configs = [cfg for cfg in every if cfg.embedder != "none"]
     plain = next(cfg for cfg in every if cfg.embedder == "none")
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -388,17 +481,22 @@ def report(every: list[Config], args: argparse.Namespace, started: float, photo:
         f"Command: `{shlex.join([sys.executable, *sys.argv])}` (repo root), {now}, "
         f"{time.perf_counter() - started:.0f} s in all. Code measured: "
         f"{c.describe_source(REPO_ROOT)}. Machine: {facts['nproc']} cores ({facts['cpu']}, "
-        f"native bf16: {cpu_has_native_bf16()}), shared with other work (noisy); torch "
-        f"{torch.__version__}, Python {facts['python']}, aiohttp {facts['aiohttp']}.",
+        f"native bf16: {cpu_has_native_bf16()}), shared with other work: each configuration "
+        f"waited (up to {args.quiet_wait:g} s) for other processes to use < {args.quiet:g} "
+        "cores, and what they used while it ran is in the hits table; torch "
+        f"{torch.__version__}, onnxruntime {_version('onnxruntime')}, onnxscript "
+        f"{_version('onnxscript')}, Python {facts['python']}, aiohttp {facts['aiohttp']}.",
         "",
         "Set-up: stand-in model (latency 0) and `proxy.app.create_app` on `web.AppRunner`s in "
         "one process on 127.0.0.1, one aiohttp client in the same event loop (its cost is in "
         f"every figure, the direct baseline's too). Stored picture: a {len(photo) / 1024:.0f} KB "
         f"900x700 photo-like JPEG; {args.warmup} warm-up then {measured} re-encoded copies "
         "(JPEG quality 56-95 x chroma subsampling, each distinct bytes, so never exact), "
-        "sequential; precision fp32 (this CPU has no native bf16). EfficientNet-Lite0: "
+        "sequential; precision fp32 unless a row says bf16. EfficientNet-Lite0: "
         "packaged weights; CLIP ViT-B-32: random weights from a temporary checkpoint (speed "
-        "does not depend on them).",
+        "does not depend on them). Runtime onnx: `load_embedder(runtime='onnx')`, the export "
+        "cached in a temporary directory (the first configuration of an embedder exports, the "
+        "others load the file).",
         "",
         "### Targets",
         "",
@@ -410,16 +508,17 @@ def report(every: list[Config], args: argparse.Namespace, started: float, photo:
         all_semantic = cfg.matches == Counter({"200 HIT semantic": measured})
         p99 = ms(cfg.hits, 0.99)
         lines.append(
-            f"| semantic hit p99 <= {target:g} ms, every answer `semantic` | {cfg.embedder}, "
-            f"{cfg.threads} thr | p50 {p50(cfg.hits):.1f} / p99 {p99:.1f} ms, "
+            f"| semantic hit p50 (issue 3) and p99 <= {target:g} ms, every answer `semantic` | "
+            f"{cfg.label} | p50 {p50(cfg.hits):.1f} / p99 {p99:.1f} ms, "
             f"{cfg.matches['200 HIT semantic']}/{measured} semantic | "
-            f"{c.verdict(p99 <= target and all_semantic)} |"
+            f"p50 {c.verdict(p50(cfg.hits) <= target and all_semantic)}, "
+            f"p99 {c.verdict(p99 <= target and all_semantic)} |"
         )
     for cfg in configs:
         ratio = cfg.conc_rate / cfg.seq_rate
         lines.append(
             f"| 16 concurrent >= {TARGET_BATCH_RATIO}x sequential batch-1 (MicroBatcher) | "
-            f"{cfg.embedder}, {cfg.threads} thr | {cfg.conc_rate:.1f} vs {cfg.seq_rate:.1f} "
+            f"{cfg.label} | {cfg.conc_rate:.1f} vs {cfg.seq_rate:.1f} "
             f"img/s = {ratio:.2f}x (vs direct `embed` batch 1, no batcher: "
             f"{cfg.conc_rate / cfg.direct_rate:.2f}x) | {c.verdict(ratio >= TARGET_BATCH_RATIO)} |"
         )
@@ -427,7 +526,7 @@ def report(every: list[Config], args: argparse.Namespace, started: float, photo:
         overhead = p50(cfg.miss) - p50(cfg.direct)
         lines.append(
             f"| miss p50 - direct p50 <= {TARGET_MISS_OVERHEAD_MS:g} ms (new question + image) | "
-            f"{cfg.embedder}, {cfg.threads} thr | {p50(cfg.miss):.2f} - {p50(cfg.direct):.2f} = "
+            f"{cfg.label} | {p50(cfg.miss):.2f} - {p50(cfg.direct):.2f} = "
             f"{overhead:.2f} ms | {c.verdict(overhead <= TARGET_MISS_OVERHEAD_MS)} |"
         )
     lines += [
@@ -435,16 +534,17 @@ def report(every: list[Config], args: argparse.Namespace, started: float, photo:
         "### Semantic hits through the proxy",
         "",
         "| config | p50 | p90 | p99 | max | mean | answers | exact hit p50 (same setup) "
-        "| other processes' CPU cores |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| other processes' CPU cores (before / during) | `load_embedder` |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for cfg in configs:
         answers = ", ".join(f"{k}: {v}" for k, v in cfg.matches.items())
         lines.append(
-            f"| {cfg.embedder}, {cfg.threads} thr | {p50(cfg.hits):.2f} ms | "
+            f"| {cfg.label} | {p50(cfg.hits):.2f} ms | "
             f"{ms(cfg.hits, 0.9):.2f} ms | {ms(cfg.hits, 0.99):.2f} ms | "
             f"{max(cfg.hits) * 1e3:.2f} ms | {statistics.fmean(cfg.hits) * 1e3:.2f} ms | "
-            f"{answers} | {p50(cfg.exact):.2f} ms | {cfg.other_cores:.2f} |"
+            f"{answers} | {p50(cfg.exact):.2f} ms | {cfg.quiet_load:.2f} / "
+            f"{cfg.other_cores:.2f} | {cfg.load_seconds:.1f} s |"
         )
     lines += [
         "",
@@ -456,7 +556,7 @@ def report(every: list[Config], args: argparse.Namespace, started: float, photo:
         "the rest of a hit (HTTP, JSON parse, base64 + sha256 keying, exact lookup, thread "
         "hand-offs, building the answer) is about the exact-hit p50 above.",
         "",
-        "| piece | " + " | ".join(f"{cfg.embedder}, {cfg.threads} thr" for cfg in configs) + " |",
+        "| piece | " + " | ".join(cfg.label for cfg in configs) + " |",
         "|---|" + "---:|" * len(configs),
     ]
     keys = [k for k in configs[0].pieces if not k.startswith("_")]
@@ -465,7 +565,11 @@ def report(every: list[Config], args: argparse.Namespace, started: float, photo:
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     sums = []
     for cfg in configs:
-        total = sum(p50(cfg.pieces[k]) for k in keys if "direct" not in k and "base64" not in k)
+        total = sum(
+            p50(cfg.pieces[k])
+            for k in keys
+            if "direct" not in k and "base64" not in k and "of which" not in k
+        )
         sums.append(f"{total:.2f}")
     lines.append(
         "| sum of the proxy's path (decode, thumbnail, batcher embed, search, verify, SQL) | "
@@ -488,7 +592,7 @@ def report(every: list[Config], args: argparse.Namespace, started: float, photo:
     for cfg in configs:
         outcomes = ", ".join(f"{k}: {v}" for k, v in cfg.miss_outcomes.items())
         lines.append(
-            f"| {cfg.embedder}, {cfg.threads} thr | {cfg.seq_rate:.1f} img/s | "
+            f"| {cfg.label} | {cfg.seq_rate:.1f} img/s | "
             f"{cfg.direct_rate:.1f} img/s | {cfg.conc_rate:.1f} img/s | {cfg.batches} | "
             f"{p50(cfg.miss):.2f} ms | {p50(cfg.direct):.2f} ms | {ms(cfg.miss, 0.99):.2f} ms | "
             f"{outcomes} |"
@@ -503,7 +607,51 @@ def report(every: list[Config], args: argparse.Namespace, started: float, photo:
         + "). The difference to the rows above is what starting the embedding beside the "
         "upstream costs the miss.",
     ]
+    lines += equivalence_lines(same, args)
     return "\n".join(lines)
+
+
+def equivalence_lines(same: list[Equivalence], args: argparse.Namespace) -> list[str]:
+    """The section's part on ONNX Runtime vs torch vectors."""
+    if args.equivalence == "none":
+        return []
+    lines = [
+        "",
+        "### Same vectors from both runtimes",
+        "",
+        f"`{args.equivalence}` pictures of the quality set (`{args.quality_dir}`), decoded as "
+        f"the proxy does (`decode_image`, {DECODE_SIZE} px draft), embedded by torch and by ONNX "
+        f"Runtime (fp32, batches of {EQUIVALENCE_BATCH}, the last thread count above); per "
+        "picture the cosine of the two unit vectors and their largest component difference. "
+        f"The export is refused below cosine {MIN_COSINE} on any row (checked on a probe batch at "
+        "every load); the embedder id is shared when every picture reaches it.",
+        "",
+    ]
+    if not same:
+        return [
+            *lines,
+            "Not measured: the quality set is missing (`python -m bench.quality.dataset`) or one "
+            "runtime was not in `--runtimes`.",
+        ]
+    lines += [
+        "| embedder | pictures | min cosine | mean 1 - cosine | max abs difference | "
+        "worst picture | torch b16 | onnx b16 | same id |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---|",
+    ]
+    for row in same:
+        lines.append(
+            f"| {row.embedder} | {row.images} | {row.min_cosine:.9f} | {row.mean_gap:.2e} | "
+            f"{row.max_abs:.2e} | `{row.worst}` | {row.torch_rate:.1f} img/s | "
+            f"{row.onnx_rate:.1f} img/s | {'yes' if row.min_cosine >= MIN_COSINE else 'NO'} |"
+        )
+    return lines
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
 
 
 def clip_checkpoint(directory: Path) -> Path:
@@ -516,36 +664,58 @@ def clip_checkpoint(directory: Path) -> Path:
     return path
 
 
-async def run(args: argparse.Namespace) -> list[Config]:
+async def run(args: argparse.Namespace) -> tuple[list[Config], list[Equivalence]]:
     photo, _ = photo_jpeg()
     copies = await asyncio.to_thread(variants, photo, args.hits)
     configs: list[Config] = []
+    same: list[Equivalence] = []
     threads = [int(t) for t in args.threads.split(",")]
-    with tempfile.TemporaryDirectory(prefix="vlcache-clip-") as tmp:
+    runtimes = args.runtimes.split(",")
+    pictures: list[Path] = []
+    if args.equivalence != "none" and (args.quality_dir / "manifest.json").is_file():
+        pictures = quality_pictures(args.equivalence, args.quality_dir)
+    with tempfile.TemporaryDirectory(prefix="vlcache-semantic-models-") as tmp:
         for name in args.embedders.split(","):
+            clip: dict[str, str] = {}
             if name == "clip":
                 path = clip_checkpoint(Path(tmp))
-                embedder = load_embedder(
-                    "clip", clip_model="ViT-B-32", clip_pretrained=str(path), precision="fp32"
-                )
-            else:
-                embedder = load_embedder(name, precision="fp32")
-            for count in threads:
-                config = Config(name, count)
-                busy, own, wall = c.machine_busy_seconds(), time.process_time(), time.time()
-                with c.timed(f"{name}, {count} torch thread(s)"):
-                    await measure(config, embedder, photo, copies, args)
-                others = (c.machine_busy_seconds() - busy) - (time.process_time() - own)
-                config.other_cores = max(others, 0.0) / (time.time() - wall)
-                print(
-                    f"bench: {name} {count} thr: hit p50 {p50(config.hits):.1f} "
-                    f"p99 {ms(config.hits, 0.99):.1f} ms {dict(config.matches)}",
-                    file=sys.stderr,
-                )
-                configs.append(config)
+                clip = {"clip_model": "ViT-B-32", "clip_pretrained": str(path)}
+            last: dict[str, Embedder] = {}
+            for item in runtimes:
+                runtime, _, precision = item.partition(":")
+                for count in threads:
+                    began = time.perf_counter()
+                    embedder = load_embedder(
+                        name,
+                        precision=precision or "fp32",
+                        runtime=runtime,
+                        threads=count,
+                        cache_dir=Path(tmp) / "models",
+                        **clip,
+                    )
+                    config = Config(
+                        name, runtime, precision or "fp32", count, time.perf_counter() - began
+                    )
+                    config.quiet_load = c.wait_for_quiet(args.quiet, args.quiet_wait)
+                    busy, own, wall = c.machine_busy_seconds(), time.process_time(), time.time()
+                    with c.timed(config.label):
+                        await measure(config, embedder, photo, copies, args)
+                    others = (c.machine_busy_seconds() - busy) - (time.process_time() - own)
+                    config.other_cores = max(others, 0.0) / (time.time() - wall)
+                    print(
+                        f"bench: {config.label}: hit p50 {p50(config.hits):.1f} "
+                        f"p99 {ms(config.hits, 0.99):.1f} ms {dict(config.matches)}",
+                        file=sys.stderr,
+                    )
+                    configs.append(config)
+                    last[item] = embedder
+            if pictures and {"torch", "onnx"} <= last.keys():
+                with c.timed(f"{name}: torch vs onnx on {len(pictures)} pictures"):
+                    same.append(equivalence(name, last["torch"], last["onnx"], pictures))
+                print(f"bench: {same[-1]}", file=sys.stderr)
     with c.timed("miss path with --embedder none"):
         configs.append(await miss_without_tier(photo, args))
-    return configs
+    return configs, same
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -556,13 +726,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--misses", type=int, default=60)
     parser.add_argument("--batch-images", type=int, default=64)
     parser.add_argument("--embedders", default="efficientnet-lite0,clip")
-    parser.add_argument("--threads", default="1,2", help="torch thread counts to try")
+    parser.add_argument(
+        "--runtimes",
+        default="onnx,torch",
+        help="embedder runtimes to try, each RUNTIME[:PRECISION] (fp32 unless given), "
+        "e.g. onnx,torch,torch:bf16",
+    )
+    parser.add_argument("--threads", default="1,2", help="embedder thread counts to try")
+    parser.add_argument(
+        "--equivalence",
+        choices=("refs", "all", "none"),
+        default="refs",
+        help="quality-set pictures on which to compare the runtimes' vectors",
+    )
+    parser.add_argument("--quality-dir", type=Path, default=QUALITY_DIR)
+    parser.add_argument(
+        "--quiet", type=float, default=0.25, help="most cores other processes may use at a start"
+    )
+    parser.add_argument(
+        "--quiet-wait", type=float, default=120.0, help="longest wait for a quiet machine (s)"
+    )
     parser.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    configs = asyncio.run(run(args))
+    configs, same = asyncio.run(run(args))
     photo, _ = photo_jpeg()
-    text = report(configs, args, started, photo)
+    text = report(configs, same, args, started, photo)
     c.publish(TITLE, text, write=not args.no_write)
 
 

@@ -7,17 +7,29 @@ model *and* its weights: vectors from two ids live in different indexes and are 
 Everything here is synchronous and CPU-bound; the proxy calls `embed` from its own executor.
 Loading happens only when `load_embedder` is called, never at import.
 
+Runtimes: the model runs in torch, or in ONNX Runtime (`embeddings.onnx_runtime`: the same torch
+model exported once to ONNX and cached on disk, equal to torch within float rounding, so both
+runtimes share the embedder id). ONNX Runtime runs fp32 only. Runtime "auto" means onnx unless
+bf16 is asked for explicitly (then torch), and torch when onnx fails to load (logged); precision
+"auto" then means fp32. Runtime "onnx" insists: it fails with `ModelLoadError` instead, and
+refuses precision "bf16". Why onnx fp32 before bf16 even where bf16 is native: on such a CPU
+(AMD EPYC with AVX512-BF16, 2 cores, bench/RESULTS.md "Semantic tier speed") a semantic hit took
+p50 18.5 ms with EfficientNet-Lite0 on onnx fp32 against 27-28 ms in torch bf16 (and 29 ms fp32),
+and CLIP ViT-B-32 43 ms on onnx fp32 against 51-55 ms in torch bf16 (2 threads); and fp32
+vectors are the ones the thresholds were calibrated on.
+
 Precision: bf16 roughly halves the cost of a forward pass on CPUs that have native bf16 kernels
 (AVX512-BF16 / AMX; measured 90 -> 38 ms for ViT-B-32 on a Zen4 core pair), but on a CPU without
 them PyTorch emulates it and the same pass becomes 5-10x *slower* than fp32 (measured on an AVX2
-machine: ViT-B-32 94 -> 555 ms). Hence the default "auto": bf16 where it is native, else fp32.
+machine: ViT-B-32 94 -> 555 ms). Hence precision "auto" in torch: bf16 where native, else fp32.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Final, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -25,15 +37,20 @@ import torch
 from PIL import Image
 from torch import nn
 
-from embeddings.errors import EmbeddingError
+from embeddings.errors import EmbeddingError, ModelLoadError
+
+if TYPE_CHECKING:
+    from embeddings.onnx_runtime import OnnxImageEmbedder
 
 __all__ = [
     "EMBEDDER_NAMES",
     "PRECISIONS",
+    "RUNTIMES",
     "Embedder",
     "TorchImageEmbedder",
     "cpu_has_native_bf16",
     "load_embedder",
+    "pixel_batch",
     "resolve_dtype",
 ]
 
@@ -41,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 EMBEDDER_NAMES: Final = ("clip", "efficientnet-lite0")
 PRECISIONS: Final = ("auto", "fp32", "bf16")
+RUNTIMES: Final = ("auto", "onnx", "torch")
 
 Preprocess = Callable[[Image.Image], torch.Tensor]
 
@@ -118,6 +136,21 @@ class TorchImageEmbedder:
         """The precision the model actually runs in: "fp32" or "bf16"."""
         return "bf16" if self._dtype == torch.bfloat16 else "fp32"
 
+    @property
+    def runtime(self) -> str:
+        """What runs the model: "torch"."""
+        return "torch"
+
+    @property
+    def model(self) -> nn.Module:
+        """The frozen torch module (eval mode, no gradients), e.g. for an ONNX export."""
+        return self._model
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """The per-image transform: RGB picture -> (3, H, W) float tensor."""
+        return self._preprocess
+
     def embed(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
         """Embed a batch of images in one forward pass; rows are L2-normalised float32."""
         if not images:
@@ -127,7 +160,7 @@ class TorchImageEmbedder:
         # photo. Flushing them to zero changes no embedding measurably. The flag is per thread
         # (MXCSR) and inherited by the OpenMP workers this thread starts, so set it before any op.
         torch.set_flush_denormal(True)
-        batch = torch.stack([self._preprocess(_as_rgb(image)) for image in images])
+        batch = pixel_batch(self._preprocess, images)
         try:
             with torch.inference_mode():
                 features = self._model(batch.to(self._dtype)).float()
@@ -147,6 +180,11 @@ class TorchImageEmbedder:
 
     def __repr__(self) -> str:
         return f"<TorchImageEmbedder {self._id} dim={self._dim} {self.precision}>"
+
+
+def pixel_batch(preprocess: Preprocess, images: Sequence[Image.Image]) -> torch.Tensor:
+    """The model input of `images`: each one made RGB and preprocessed, stacked (n, 3, H, W)."""
+    return torch.stack([preprocess(_as_rgb(image)) for image in images])
 
 
 def _as_rgb(image: Image.Image) -> Image.Image:
@@ -185,6 +223,8 @@ def load_embedder(
     clip_pretrained: str | None = None,
     threads: int | None = None,
     precision: str = "auto",
+    runtime: str = "torch",
+    cache_dir: Path | None = None,
 ) -> Embedder:
     """Build the embedder called `name` ("clip" or "efficientnet-lite0"), ready to `embed`.
 
@@ -193,35 +233,79 @@ def load_embedder(
         clip_model: open_clip architecture name (CLIP only).
         clip_pretrained: an open_clip pretrained tag, or the path of a local checkpoint file;
             None means the default tag "laion2b_s34b_b79k", which open_clip fetches and caches.
-        threads: torch intra-op threads. This is process-wide (`torch.set_num_threads`).
-        precision: "auto" (bf16 where the CPU has native bf16, else fp32), "fp32" or "bf16".
+        threads: intra-op threads of torch (process-wide, `torch.set_num_threads`) and of ONNX
+            Runtime; None leaves torch's choice, which ONNX Runtime then follows.
+        precision: "auto" (on torch: bf16 where the CPU has native bf16, else fp32; on onnx:
+            fp32), "fp32" or "bf16".
+        runtime: "auto" (onnx unless precision is "bf16" or the export fails, else torch),
+            "onnx" or "torch" (the default here, so that library callers, tests and benchmarks
+            run what they name; the proxy passes its `--embed-runtime`, "auto" by default).
+            See the module docstring.
+        cache_dir: where ONNX exports are kept; None means `~/.cache/vlcache/onnx`.
 
     Raises:
-        ModelLoadError: the model or its weights could not be loaded.
-        ValueError: unknown `name` or `precision`, or `threads` < 1.
+        ModelLoadError: the model or its weights could not be loaded; with runtime "onnx", also
+            when ONNX Runtime is missing or fails, or precision "bf16" was asked for.
+        ValueError: unknown `name`, `precision` or `runtime`, or `threads` < 1.
     """
     if name not in EMBEDDER_NAMES:
         raise ValueError(f"embedder must be one of {EMBEDDER_NAMES}, not {name!r}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, not {threads}")
         torch.set_num_threads(threads)
+    if runtime == "onnx" and precision == "bf16":
+        raise ModelLoadError(
+            "runtime onnx runs fp32 only (ONNX Runtime has no fast bf16 path on CPU): "
+            "use precision fp32 or auto with it, or runtime torch for bf16"
+        )
     dtype = resolve_dtype(precision)
+    on_onnx = runtime == "onnx" or (runtime == "auto" and precision != "bf16")
+    embedder: TorchImageEmbedder | OnnxImageEmbedder
+    if not on_onnx:
+        embedder = _load_torch(name, clip_model, clip_pretrained, dtype)
+    else:
+        # Imported here: the torch path needs none of onnxruntime, onnx and onnxscript.
+        from embeddings.onnx_runtime import default_cache_dir, load_onnx_embedder
+
+        fp32 = _load_torch(name, clip_model, clip_pretrained, torch.float32)
+        try:
+            embedder = load_onnx_embedder(
+                fp32,
+                cache_dir=default_cache_dir() if cache_dir is None else cache_dir,
+                threads=torch.get_num_threads(),
+            )
+        except ModelLoadError as exc:
+            if runtime == "onnx":
+                raise
+            logger.warning("embedding with torch instead of ONNX Runtime: %s", exc)
+            if dtype == torch.float32:
+                embedder = fp32
+            else:
+                embedder = _load_torch(name, clip_model, clip_pretrained, dtype)
+    logger.info(
+        "embedder %s loaded: dim=%d runtime=%s precision=%s threads=%d",
+        embedder.id,
+        embedder.dim,
+        embedder.runtime,
+        embedder.precision,
+        torch.get_num_threads(),
+    )
+    return embedder
+
+
+def _load_torch(
+    name: str, clip_model: str, clip_pretrained: str | None, dtype: torch.dtype
+) -> TorchImageEmbedder:
+    """The torch embedder called `name`, in `dtype`."""
     # Imported here, not at the top: open_clip takes seconds to import and the efficientnet
     # embedder does not need it; the two modules also import this one.
     if name == "clip":
         from embeddings.clip import load_clip
 
-        embedder = load_clip(model_name=clip_model, pretrained=clip_pretrained, dtype=dtype)
-    else:
-        from embeddings.efficientnet import load_efficientnet_lite0
+        return load_clip(model_name=clip_model, pretrained=clip_pretrained, dtype=dtype)
+    from embeddings.efficientnet import load_efficientnet_lite0
 
-        embedder = load_efficientnet_lite0(dtype=dtype)
-    logger.info(
-        "embedder %s loaded: dim=%d precision=%s threads=%d",
-        embedder.id,
-        embedder.dim,
-        embedder.precision,
-        torch.get_num_threads(),
-    )
-    return embedder
+    return load_efficientnet_lite0(dtype=dtype)

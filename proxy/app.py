@@ -87,6 +87,8 @@ def _load_embedder(settings: Settings) -> Embedder:
         clip_pretrained=settings.clip_pretrained,
         threads=settings.embed_threads,
         precision=settings.embed_precision,
+        runtime=settings.embed_runtime,
+        cache_dir=settings.data_dir / "models",
     )
 
 

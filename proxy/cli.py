@@ -26,6 +26,7 @@ _EMBEDDER_SETTINGS = (
     "clip_model",
     "clip_pretrained",
     "embed_precision",
+    "embed_runtime",
     "embed_threads",
     "index_approx_rows",
 )
@@ -35,6 +36,7 @@ _WARMUP_SETTINGS = (
     "clip_model",
     "clip_pretrained",
     "embed_precision",
+    "embed_runtime",
     "embed_threads",
     "shared_namespace",
     "ttl",
@@ -88,6 +90,10 @@ def _configure_logging(level: str) -> None:
     )
     # Alembic announces each of its plugins at INFO; the migration lines themselves stay.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    # The ONNX exporter's passes log dozens of INFO lines per export (one per deduplicated
+    # initializer); embeddings.onnx_runtime says in one line what was exported, where.
+    for noisy in ("onnx_ir", "onnxscript"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:
