@@ -113,14 +113,10 @@ class CacheService:
             served = await self._serve_exact(request, body, known, started)
             if served is not None:
                 return served
-            leader = self._inflight.get(known.exact_key)
-            if leader is not None:
-                # The same request is with the model right now: wait for it without re-parsing.
-                shared = await asyncio.shield(leader)
-                if shared is not None:
-                    return await self._serve_hit(
-                        request, body, known, shared, started, "coalesced", None
-                    )
+            # The same request may be with the model right now: wait for it without re-parsing.
+            followed = await self._follow_leader(request, body, known, started)
+            if followed is not None:
+                return followed
         try:
             call = await self._keyer.key(request.headers, body)
         except Uncacheable as exc:
@@ -138,15 +134,11 @@ class CacheService:
             served = await self._serve_exact(request, body, call, started)
             if served is not None:
                 return served
-        leader = self._inflight.get(call.exact_key)
-        if leader is not None:
-            # An identical request is already with the model: share its answer when it can be
-            # shared; otherwise (error, not cacheable) ask the model ourselves.
-            shared = await asyncio.shield(leader)
-            if shared is not None:
-                return await self._serve_hit(
-                    request, body, call, shared, started, "coalesced", None
-                )
+        if call.exact_key in self._inflight:
+            followed = await self._follow_leader(request, body, call, started)
+            if followed is not None:
+                return followed
+            # The leader's answer could not be shared (error, not cacheable): ask ourselves.
             try:
                 response, _ = await self._answer_miss(request, body, call, started)
                 return response
@@ -162,6 +154,18 @@ class CacheService:
             del self._inflight[call.exact_key]
             future.set_result(answer)
             self._settle_claim(call.exact_key)
+
+    async def _follow_leader(
+        self, request: web.Request, body: bytes, call: CachedCall, started: float
+    ) -> web.StreamResponse | None:
+        """The answer of an identical request already with the model, when it can be shared."""
+        leader = self._inflight.get(call.exact_key)
+        if leader is None:
+            return None
+        shared = await asyncio.shield(leader)
+        if shared is None:
+            return None
+        return await self._serve_hit(request, body, call, shared, started, "coalesced", None)
 
     async def _answer_miss(
         self, request: web.Request, body: bytes, call: CachedCall, started: float
