@@ -12,11 +12,12 @@ model exported once to ONNX and cached on disk, equal to torch within float roun
 runtimes share the embedder id). ONNX Runtime runs fp32 only. Runtime "auto" means onnx unless
 bf16 is asked for explicitly (then torch), and torch when onnx fails to load (logged); precision
 "auto" then means fp32. Runtime "onnx" insists: it fails with `ModelLoadError` instead, and
-refuses precision "bf16". Why onnx fp32 before bf16 even where bf16 is native: on such a CPU
-(AMD EPYC with AVX512-BF16, 2 cores, bench/RESULTS.md "Semantic tier speed") a semantic hit took
-p50 18.5 ms with EfficientNet-Lite0 on onnx fp32 against 27-28 ms in torch bf16 (and 29 ms fp32),
-and CLIP ViT-B-32 43 ms on onnx fp32 against 51-55 ms in torch bf16 (2 threads); and fp32
-vectors are the ones the thresholds were calibrated on.
+refuses precision "bf16". Why onnx fp32 before bf16 even where bf16 is native: fp32 vectors are
+the ones the thresholds were calibrated on (bf16 moves them by up to cosine 0.99, onnx by 1e-7),
+and on such a CPU (AMD EPYC with AVX512-BF16, 2 cores; bench/RESULTS.md "Semantic tier speed")
+an EfficientNet-Lite0 semantic hit took p50 18.5-20 ms on onnx fp32 against 27-29 ms in torch
+bf16. CLIP ViT-B-32 is the exception there: 38 ms in torch bf16 against 46 ms on onnx (p50, 2
+threads; p99 52 and 51), so `--embed-precision bf16` is worth trying with CLIP on such CPUs.
 
 Precision: bf16 roughly halves the cost of a forward pass on CPUs that have native bf16 kernels
 (AVX512-BF16 / AMX; measured 90 -> 38 ms for ViT-B-32 on a Zen4 core pair), but on a CPU without

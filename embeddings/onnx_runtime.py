@@ -1,9 +1,11 @@
 """ONNX Runtime as the engine of an embedder: the torch model exported once, cached, checked.
 
-Why: ONNX Runtime runs the same fp32 graphs 2-2.7x faster than eager torch at batch 1 on this
-project's 2-core machines: embedding one photo (preprocessing included) took 7-9 ms instead of 19
-with EfficientNet-Lite0, 32-56 ms instead of 80-114 with CLIP ViT-B-32, 2 and 1 threads
-(bench/RESULTS.md, "Semantic tier speed"; ~4 ms of each is preprocessing, the same in both).
+Why: ONNX Runtime runs the same fp32 graphs 2-3x faster than eager torch at batch 1 on this
+project's 2-core machines: embedding one photo (preprocessing included) took 7-9 ms instead of
+19-21 with EfficientNet-Lite0, 32-57 ms instead of 80-122 with CLIP ViT-B-32 (1 or 2 threads,
+two runs of bench/semantic_perf.py; ~4.3 ms of each is the preprocessing, the same in both), and
+a semantic hit through the proxy p50 18.5-20 ms instead of 29-35 (EfficientNet-Lite0), and 43-46
+instead of 112-148 (CLIP, 2 threads).
 The embedder's torch model is loaded as usual (weights, key mapping, open_clip's own checkpoint
 code: nothing about loading changes), exported with `torch.onnx.export(dynamo=True)` with a
 dynamic batch axis (the micro-batcher sends 1 to 16 images), written to a cache directory, and run
@@ -42,9 +44,9 @@ made again at the next start.
 
 Precision: fp32 only; the exported graph is fp32. `load_embedder` refuses runtime "onnx" with
 precision "bf16"; its runtime "auto" gives bf16, when asked for, to torch. Where bf16 is native
-(AVX512-BF16 on the machine measured), torch bf16 still lost to onnx fp32 through the proxy:
-semantic hit p50 27-28 ms against 18.5 with EfficientNet-Lite0, 51-55 ms against 43 with CLIP at
-2 threads (onnx with 1 thread: 67 ms); and bf16 moves vectors by up to cosine 0.99, onnx by 1e-7.
+(AVX512-BF16 on the machine measured), torch bf16 loses to onnx fp32 with EfficientNet-Lite0
+(semantic hit p50 27-29 ms against 18.5-20) and wins with CLIP ViT-B-32 at 2 threads (p50 38 ms
+against 46, p99 52 against 51); bf16 moves vectors by up to cosine 0.99, onnx by 1e-7.
 
 Threads: ONNX Runtime's intra-op pool gets `threads` (the `--embed-threads` setting, default
 torch's choice); its threads do not spin between runs (ORT's default does), because on 2 cores a
