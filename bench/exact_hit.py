@@ -644,7 +644,10 @@ def extra_serve_args(given: str, vlcache: str, tree: Path) -> list[str]:
     usage = subprocess.run(
         [vlcache, "serve", "--help"], capture_output=True, text=True, cwd=tree, env=env, check=False
     ).stdout
-    return ["--embedder", "none"] if "--embedder" in usage else []
+    args = ["--embedder", "none"] if "--embedder" in usage else []
+    if "--admin-port" in usage:
+        args += ["--admin-port", "0"]  # each vlcache measured gets its own (unused) admin port
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

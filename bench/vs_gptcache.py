@@ -229,7 +229,7 @@ def start_caches(
         c.tool("vlcache"), "serve", "--upstream", upstream.url, "--port", str(port),
         "--data-dir", str(work_dir / f"vlcache{tag}"), "--log-level", "WARNING",
         "--embedder", "efficientnet-lite0", "--embed-precision", "fp32",
-        "--embed-threads", str(args.torch_threads),
+        "--embed-threads", str(args.torch_threads), "--admin-port", "0",
     ]  # fmt: skip
     server = procs.start(f"vlcache{tag}", vlcache_argv, port, ready_path="/v1/models", timeout=120)
     caches = [Cache("vlcache", server, Expect("HIT", "exact"))]
