@@ -108,15 +108,20 @@ class Settings(BaseSettings):
         "(default: the embedder's own, 0.95 for clip).",
     )
     embed_precision: str = Field(
-        "auto", description="Embedder precision: auto (bf16 where the CPU has it), fp32 or bf16."
+        "auto",
+        description="Embedder precision: auto (fp32 on onnx; bf16 in torch where the CPU has "
+        "it), fp32 or bf16.",
     )
     embed_runtime: str = Field(
         "auto",
         description="What runs the embedder: onnx (ONNX Runtime, the model exported once and "
-        "cached in the data directory), torch, or auto (onnx where it loads, else torch).",
+        "cached in the data directory), torch, or auto (onnx unless --embed-precision bf16, or "
+        "if it fails to load; else torch).",
     )
     embed_threads: int | None = Field(
-        None, ge=1, description="Torch threads for the embedder (default: torch's choice)."
+        None,
+        ge=1,
+        description="Threads of the embedder, torch or ONNX Runtime (default: torch's choice).",
     )
     embed_batch: int = Field(
         16, ge=1, description="Most images embedded in one forward pass (micro-batching)."
