@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -164,23 +164,38 @@ class TorchImageEmbedder:
         batch = pixel_batch(self._preprocess, images)
         try:
             with torch.inference_mode():
-                features = self._model(batch.to(self._dtype)).float()
-                if features.shape != (len(images), self._dim):
-                    raise EmbeddingError(
-                        f"{self._id} returned shape {tuple(features.shape)}, "
-                        f"expected ({len(images)}, {self._dim})"
-                    )
-                if not bool(torch.isfinite(features).all()):
-                    # A NaN would poison every inner product it meets in the index.
-                    raise EmbeddingError(f"{self._id} produced non-finite features")
-                vectors = nn.functional.normalize(features, dim=1)
+                features = self._model(batch.to(self._dtype)).float().numpy()
         except RuntimeError as exc:
             raise EmbeddingError(f"{self._id} failed on a batch of {len(images)}: {exc}") from exc
-        result: npt.NDArray[np.float32] = np.ascontiguousarray(vectors.numpy(), dtype=np.float32)
-        return result
+        return unit_rows(self._id, features, len(images), self._dim)
 
     def __repr__(self) -> str:
         return f"<TorchImageEmbedder {self._id} dim={self._dim} {self.precision}>"
+
+
+def unit_rows(
+    embedder_id: str, features: npt.NDArray[Any], count: int, dim: int
+) -> npt.NDArray[np.float32]:
+    """A model's output checked (shape, finite values) and scaled to unit rows, as float32.
+
+    Raises:
+        EmbeddingError: wrong shape, or a NaN/inf that would poison every inner product it
+            meets in the index.
+    """
+    if features.shape != (count, dim):
+        raise EmbeddingError(
+            f"{embedder_id} returned shape {tuple(features.shape)}, expected ({count}, {dim})"
+        )
+    if not np.isfinite(features).all():
+        raise EmbeddingError(f"{embedder_id} produced non-finite features")
+    return normalise(features)
+
+
+def normalise(features: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    """Rows scaled to unit length (a zero row stays zero), as float32."""
+    rows = np.asarray(features, dtype=np.float32)
+    norms = np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(rows / norms, dtype=np.float32)
 
 
 def pixel_batch(preprocess: Preprocess, images: Sequence[Image.Image]) -> torch.Tensor:

@@ -74,7 +74,13 @@ import numpy.typing as npt
 import torch
 from PIL import Image
 
-from embeddings.embedder import Preprocess, TorchImageEmbedder, pixel_batch
+from embeddings.embedder import (
+    Preprocess,
+    TorchImageEmbedder,
+    normalise,
+    pixel_batch,
+    unit_rows,
+)
 from embeddings.errors import EmbeddingError, ModelLoadError
 
 __all__ = [
@@ -180,15 +186,7 @@ class OnnxImageEmbedder:
             raise EmbeddingError(
                 f"{self._id} (onnx) failed on a batch of {len(images)}: {exc}"
             ) from exc
-        if features.shape != (len(images), self._dim):
-            raise EmbeddingError(
-                f"{self._id} (onnx) returned shape {tuple(features.shape)}, "
-                f"expected ({len(images)}, {self._dim})"
-            )
-        if not np.isfinite(features).all():
-            # A NaN would poison every inner product it meets in the index.
-            raise EmbeddingError(f"{self._id} (onnx) produced non-finite features")
-        return _normalise(features)
+        return unit_rows(f"{self._id} (onnx)", features, len(images), self._dim)
 
     def __repr__(self) -> str:
         return f"<OnnxImageEmbedder {self._id} dim={self._dim} fp32 threads={self._threads}>"
@@ -328,7 +326,7 @@ def _open_checked(
         return None, f"{type(exc).__name__}: {exc}"
     if features.shape != expected.shape:
         return None, f"output shape {features.shape}, torch's {expected.shape}"
-    cosines = (_normalise(features) * _normalise(expected)).sum(axis=1)
+    cosines = (normalise(features) * normalise(expected)).sum(axis=1)
     if not np.isfinite(cosines).all() or cosines.min() < MIN_COSINE:
         return None, f"disagrees with torch: cosine {cosines.min():.7f} < {MIN_COSINE}"
     return session, ""
@@ -365,13 +363,6 @@ def _probe_images() -> list[Image.Image]:
         grain = rng.integers(-12, 13, smooth.shape, dtype=np.int16)
         pictures.append(Image.fromarray((smooth + grain).clip(0, 255).astype(np.uint8)))
     return pictures
-
-
-def _normalise(features: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
-    """Rows scaled to unit length (a zero row stays zero), as float32."""
-    rows = np.asarray(features, dtype=np.float32)
-    norms = np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-    return np.ascontiguousarray(rows / norms, dtype=np.float32)
 
 
 def _version(package: str) -> str:

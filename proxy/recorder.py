@@ -103,8 +103,6 @@ class Recorder:
         self._pending_bytes = 0
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self.dropped = 0
-        self.written = 0
         self._failures = FailureLog(log)  # used by the writer thread only
 
     async def start(self) -> None:
@@ -125,10 +123,9 @@ class Recorder:
         self._thread = None
 
     def write(self, exchange: Exchange) -> bool:
-        """Queue ``exchange``; False (and counted) when the writer is too far behind."""
+        """Queue ``exchange``; False when the writer is too far behind (the caller counts it)."""
         with self._lock:
             if self._pending_bytes + exchange.size > _MAX_PENDING_BYTES:
-                self.dropped += 1
                 return False
             self._pending_bytes += exchange.size
         self._queue.put(exchange)
@@ -151,7 +148,6 @@ class Recorder:
                     )
                     record.created = time.time()
                     handler.handle(record)
-                    self.written += 1
                 except Exception:
                     # A full disk fails every line the same way: one traceback per burst.
                     self._failures.report("recording an exchange failed")

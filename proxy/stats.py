@@ -69,13 +69,7 @@ async def stats_document(
         "index": {"embedder": tier.embedder, "vectors": tier.vectors, "threshold": tier.threshold},
         "embed_queue": tier.embed_queue,
         "models": [
-            {
-                "model": model or UNKNOWN_MODEL,
-                "requests": _requests_and_hits(outcomes)[0],
-                "hit_rate": hit_rate(*_requests_and_hits(outcomes)),
-                "outcomes": {outcome: outcomes[outcome].requests for outcome in OUTCOMES},
-                "saved": _figures(_hits(outcomes), pricing),
-            }
+            _model_figures(model, outcomes, pricing)
             for model, outcomes in sorted(report.models.items())
         ],
         "series": _series(report, first_hour, pricing),
@@ -106,6 +100,17 @@ async def stats_document(
             for miss in reversed(accounting.near_misses)
         ]
     return document
+
+
+def _model_figures(model: str, outcomes: dict[str, Sums], pricing: Pricing) -> dict[str, Any]:
+    requests, hits = _requests_and_hits(outcomes)
+    return {
+        "model": model or UNKNOWN_MODEL,
+        "requests": requests,
+        "hit_rate": hit_rate(requests, hits),
+        "outcomes": {outcome: outcomes[outcome].requests for outcome in OUTCOMES},
+        "saved": _figures(_hits(outcomes), pricing),
+    }
 
 
 def _requests_and_hits(outcomes: dict[str, Sums]) -> tuple[int, int]:
