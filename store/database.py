@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,18 @@ async def upgrade_schema(url: str, revision: str = "head") -> None:
     log.info("schema at %s on %s", revision, _safe(url))
 
 
+# Alembic keeps the running migration in module globals (``alembic.context``, ``alembic.op``): two
+# upgrades in one process at once (a store reopening a replaced file while another migrates)
+# would run each other's steps. One at a time.
+_MIGRATING = threading.Lock()
+
+
 def _upgrade(url: str, revision: str) -> None:
+    with _MIGRATING:
+        _upgrade_now(url, revision)
+
+
+def _upgrade_now(url: str, revision: str) -> None:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True)
