@@ -6,8 +6,10 @@ import asyncio
 import dataclasses
 import hashlib
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
+import xxhash
 from multidict import CIMultiDictProxy
 
 from embeddings.keys import exact_key, image_digest, namespace_for, question_fingerprint
@@ -23,7 +25,7 @@ from .settings import Settings
 # the GIL, so the thread only keeps very large bodies from stalling other requests; below this
 # the hand-off costs more than it saves (measured: ~125 us per 200 KB request).
 _INLINE_PARSE_BYTES = 1024 * 1024
-# hashlib releases the GIL on large buffers, so hashing big bodies in a thread runs in parallel.
+# hashlib releases the GIL on large buffers, so hashing big images in a thread runs in parallel.
 _INLINE_HASH_BYTES = 64 * 1024
 
 
@@ -97,16 +99,13 @@ class Keyer:
         tenant = headers.get(settings.tenant_header) if settings.tenant_header else None
         return namespace_for(credential, shared=settings.shared_namespace, tenant=tenant)
 
-    async def body_key(self, headers: CIMultiDictProxy[str], body: bytes) -> str:
-        """A digest of namespace + exact body bytes: byte-identical repeats skip the parse.
+    def body_scope(self, headers: CIMultiDictProxy[str]) -> str:
+        """What besides its bytes tells two bodies apart: the namespace, and the stream form.
 
         A native request asks for a stream in a header, not in its body: the same bytes with
         and without ``X-DashScope-SSE`` are two requests (one answer, two forms).
         """
-        scope = self.namespace(headers).encode() + (b"\0sse" if asks_for_stream(headers) else b"")
-        if len(body) > _INLINE_HASH_BYTES:
-            return await asyncio.get_running_loop().run_in_executor(None, _body_digest, scope, body)
-        return _body_digest(scope, body)
+        return self.namespace(headers) + ("\0sse" if asks_for_stream(headers) else "")
 
     async def key(
         self, headers: CIMultiDictProxy[str], body: bytes, *, namespace: str | None = None
@@ -159,11 +158,61 @@ class Keyer:
         )
 
 
-def _body_digest(scope: bytes, body: bytes) -> str:
-    digest = hashlib.sha256(scope)
-    digest.update(b"\0")
-    digest.update(body)
-    return digest.hexdigest()
+class KnownBodies:
+    """Keyed calls by the exact bytes of their request body: a repeat skips parse and hashing.
+
+    An app that sends the same photo and question again sends the same bytes. A body of up to
+    ``inline`` bytes is found on the event loop by a fast non-cryptographic hash (xxh3, ~10 GB/s)
+    within its scope (namespace, stream form) and confirmed by comparing the whole body (a
+    memcmp), so a hash collision, chance or crafted, costs one comparison and can never serve
+    another request's call; such bodies are kept. A larger body is keyed by its SHA-256, computed
+    in a worker thread (hashlib releases the GIL), and not kept. Least recently used first out,
+    up to ``max_bytes`` of kept bodies.
+    """
+
+    def __init__(self, max_bytes: int, inline: int) -> None:
+        self._max_bytes = max_bytes
+        self._inline = inline
+        self._bytes = 0
+        self._items: OrderedDict[tuple[str, int | bytes], tuple[bytes | None, CachedCall]] = (
+            OrderedDict()
+        )
+
+    async def key(self, scope: str, body: bytes) -> tuple[str, int | bytes]:
+        """Where ``body`` is (or would be) known in ``scope``."""
+        if len(body) <= self._inline:
+            return scope, xxhash.xxh3_64_intdigest(body)
+        loop = asyncio.get_running_loop()
+        return scope, await loop.run_in_executor(None, _sha256, body)
+
+    def get(self, key: tuple[str, int | bytes], body: bytes) -> CachedCall | None:
+        """The call keyed for these very bytes before, if still known."""
+        item = self._items.get(key)
+        if item is None or (item[0] is not None and item[0] != body):
+            return None
+        self._items.move_to_end(key)
+        return item[1]
+
+    def put(self, key: tuple[str, int | bytes], body: bytes, call: CachedCall) -> None:
+        """Remember ``call`` (without its images' bytes) for ``body``."""
+        kept = body if isinstance(key[1], int) else None
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._bytes -= _kept_bytes(old[0])
+        self._items[key] = (kept, call.without_images())
+        self._bytes += _kept_bytes(kept)
+        while self._bytes > self._max_bytes:
+            _, (evicted, _) = self._items.popitem(last=False)
+            self._bytes -= _kept_bytes(evicted)
+
+
+def _kept_bytes(body: bytes | None) -> int:
+    # A SHA-256-keyed item still costs its key and call: count it, so that their number is bounded.
+    return 256 if body is None else len(body)
+
+
+def _sha256(body: bytes) -> bytes:
+    return hashlib.sha256(body).digest()
 
 
 def _digests(images: list[bytes]) -> tuple[str, ...]:

@@ -51,8 +51,6 @@ class Metrics:
         self.requests = Counter(
             "vlcache_requests", "Chat requests by outcome.", ["outcome"], registry=registry
         )
-        for outcome in OUTCOMES:
-            self.requests.labels(outcome)
         self.coalesced = Counter(
             "vlcache_coalesced_followers",
             "Requests answered by an identical request already with the model.",
@@ -72,15 +70,12 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
-        for kind in ("prompt", "completion"):
-            self.saved_tokens.labels(kind)
         self.saved_cost = Counter(
             "vlcache_saved_cost",
             "Cost of the saved tokens, from the price table (0 without one).",
             ["currency"],
             registry=registry,
         )
-        self.saved_cost.labels(self._currency)
         self.saved_seconds = Counter(
             "vlcache_saved_seconds",
             "Time saved: each hit's stored upstream latency minus the hit's own latency.",
@@ -112,8 +107,17 @@ class Metrics:
             registry=registry,
         )
         # Every series exists from the start: rate() and ratios need no "absent" special cases.
-        for outcome in OUTCOMES:
-            self.request_seconds.labels(outcome)
+        # The children are kept: ``labels()`` takes a lock and builds a key on every call, and a
+        # hit counts four of them.
+        self._by_outcome = {
+            outcome: (self.requests.labels(outcome), self.request_seconds.labels(outcome))
+            for outcome in OUTCOMES
+        }
+        self._saved = (
+            self.saved_tokens.labels("prompt"),
+            self.saved_tokens.labels("completion"),
+            self.saved_cost.labels(self._currency),
+        )
 
     def add_gauges(self, read: Gauges, help_texts: dict[str, str]) -> None:
         """Expose the values ``read()`` returns at scrape time as gauges named by its keys."""
@@ -134,13 +138,15 @@ class Metrics:
         saved_seconds: float,
     ) -> None:
         """Count one request; for hits the tokens, cost and time are what it saved."""
-        self.requests.labels(outcome).inc()
+        requests, request_seconds = self._by_outcome[outcome]
+        requests.inc()
         if seconds is not None:
-            self.request_seconds.labels(outcome).observe(seconds)
+            request_seconds.observe(seconds)
         if outcome.startswith("hit_"):
-            self.saved_tokens.labels("prompt").inc(prompt_tokens)
-            self.saved_tokens.labels("completion").inc(completion_tokens)
-            self.saved_cost.labels(self._currency).inc(cost)
+            prompt, completion, saved_cost = self._saved
+            prompt.inc(prompt_tokens)
+            completion.inc(completion_tokens)
+            saved_cost.inc(cost)
             self.saved_seconds.inc(saved_seconds)
             if outcome == "hit_coalesced":
                 self.coalesced.inc()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from typing import TypeAlias
 
 import orjson
@@ -31,7 +30,7 @@ from store.records import NewEntry, StoredAnswer
 
 from .accounting import Accounting, NearMiss
 from .batcher import BatcherSaturated
-from .calls import CachedCall, Keyer, cache_directives
+from .calls import CachedCall, Keyer, KnownBodies, cache_directives
 from .errors import BodyTimeout, BodyTooLarge, ClientGone, ProxyError, Uncacheable
 from .failures import FailureLog
 from .freshness import entry_ttl
@@ -48,8 +47,10 @@ log = logging.getLogger(__name__)
 # The images' vectors of a miss: ready, being computed beside the upstream call, or none.
 Embedding: TypeAlias = "EmbeddedImages | asyncio.Task[EmbeddedImages | None] | None"
 
-# Keyed calls remembered by the digest of their exact body bytes (calls without image bytes).
-_KNOWN_BODIES = 2048
+# Keyed calls remembered by their exact body bytes (see KnownBodies): bodies of up to
+# _INLINE_BODY bytes are kept and looked up on the event loop, up to _KNOWN_BODY_BYTES in all.
+_KNOWN_BODY_BYTES = 64 * 2**20
+_INLINE_BODY = 2**20
 # Embedding an answer to store: attempts while the embedder is saturated, first backoff (s).
 _STORE_EMBED_ATTEMPTS = 5
 _STORE_EMBED_BACKOFF = 0.25
@@ -78,7 +79,7 @@ class CacheService:
         self._failures = FailureLog(log)
         self._background: set[asyncio.Task[None]] = set()
         self._inflight: dict[str, asyncio.Future[StoredAnswer | None]] = {}
-        self._known_bodies: OrderedDict[str, CachedCall] = OrderedDict()
+        self._known_bodies = KnownBodies(_KNOWN_BODY_BYTES, _INLINE_BODY)
         # Misses this process claimed for every process on the database: key -> entry stored?
         self._claims: dict[str, bool] = {}
         coalesce = settings.coalesce_across_processes
@@ -103,13 +104,12 @@ class CacheService:
             return web.Response(status=499)
         started = time.perf_counter()
         directives = cache_directives(request.headers.get("Cache-Control", ""))
-        body_key = await self._keyer.body_key(request.headers, body)
-        known = self._known_bodies.get(body_key)
+        body_key = await self._known_bodies.key(self._keyer.body_scope(request.headers), body)
+        known = self._known_bodies.get(body_key, body)
         looked_up = known is not None and "no-cache" not in directives
         if looked_up:
             # A byte-identical repeat of a request keyed before: no parse, no image decode.
             assert known is not None
-            self._known_bodies.move_to_end(body_key)
             served = await self._serve_exact(request, body, known, started)
             if served is not None:
                 return served
@@ -128,7 +128,7 @@ class CacheService:
             return await self._pass_through(request, body)
         if call is None:
             return await self._pass_through(request, body)
-        self._remember(body_key, call)
+        self._known_bodies.put(body_key, body, call)
         # A known body was looked up above under this very exact key: a miss there is a miss here.
         if call.lookup and not looked_up:
             served = await self._serve_exact(request, body, call, started)
@@ -235,12 +235,6 @@ class CacheService:
         except StoreError:
             # Its lease runs out on its own: followers wait at most that long.
             self._fail("store", "releasing a cross-process claim failed")
-
-    def _remember(self, body_key: str, call: CachedCall) -> None:
-        self._known_bodies[body_key] = call.without_images()
-        self._known_bodies.move_to_end(body_key)
-        if len(self._known_bodies) > _KNOWN_BODIES:
-            self._known_bodies.popitem(last=False)
 
     async def drain(self) -> None:
         """Wait for the entries still being stored in the background (at shutdown)."""

@@ -1,0 +1,91 @@
+"""``KnownBodies``: a repeated request body skips the parse, and only the very same bytes do."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.calls import CachedCall, Keyer, KnownBodies
+from proxy.fetch import ImageFetcher
+from proxy.settings import Settings
+
+HEADERS = CIMultiDictProxy(CIMultiDict({"Authorization": "Bearer sk-known-bodies"}))
+
+
+def chat(question: str, picture: bytes = b"\xff\xd8 not really a jpeg") -> bytes:
+    uri = "data:image/jpeg;base64," + base64.b64encode(picture).decode()
+    content = [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": uri}}]
+    return json.dumps(
+        {"model": "qwen3-vl", "messages": [{"role": "user", "content": content}]}
+    ).encode()
+
+
+@pytest.fixture
+async def keyer() -> AsyncIterator[Keyer]:
+    settings = Settings(upstream="http://127.0.0.1:9", shared_namespace="known-bodies")
+    async with aiohttp.ClientSession() as session:
+        fetcher = ImageFetcher(session, max_bytes=1024, timeout=1.0, allow_private=False)
+        yield Keyer(settings, fetcher)
+
+
+async def keyed(keyer: Keyer, body: bytes) -> CachedCall:
+    call = await keyer.key(HEADERS, body)
+    assert call is not None
+    return call
+
+
+async def test_the_same_bytes_find_their_call_without_its_images(keyer: Keyer) -> None:
+    memo = KnownBodies(max_bytes=1 << 20, inline=1 << 20)
+    body = chat("What is this?")
+    call = await keyed(keyer, body)
+    key = await memo.key("ns", body)
+    assert memo.get(key, body) is None
+    memo.put(key, body, call)
+    found = memo.get(await memo.key("ns", bytes(body)), bytes(body))
+    assert found is not None
+    assert found.exact_key == call.exact_key
+    assert found.image_data == ()
+    # Same bytes in another scope (namespace, stream form): not found.
+    assert memo.get(await memo.key("other", body), body) is None
+
+
+async def test_a_colliding_key_with_other_bytes_is_never_served(keyer: Keyer) -> None:
+    memo = KnownBodies(max_bytes=1 << 20, inline=1 << 20)
+    body = chat("What is this?")
+    key = await memo.key("ns", body)
+    memo.put(key, body, await keyed(keyer, body))
+    # As if another body hashed to the same key (a chance or crafted xxh3 collision).
+    assert memo.get(key, chat("What is that?")) is None
+    assert memo.get(key, body[:-1] + b" ") is None
+
+
+async def test_large_bodies_are_keyed_by_sha256_and_not_kept(keyer: Keyer) -> None:
+    memo = KnownBodies(max_bytes=1 << 20, inline=64)
+    body = chat("What is this?", b"\xff\xd8" + bytes(range(256)) * 8)
+    key = await memo.key("ns", body)
+    assert isinstance(key[1], bytes) and len(key[1]) == 32
+    memo.put(key, body, await keyed(keyer, body))
+    assert memo.get(await memo.key("ns", body), body) is not None
+    other = chat("What is that?", b"\xff\xd8" + bytes(range(256)) * 8)
+    assert memo.get(await memo.key("ns", other), other) is None
+
+
+async def test_kept_bodies_are_bounded_in_bytes_least_recently_used_first(
+    keyer: Keyer,
+) -> None:
+    bodies = [chat(f"Question {n}?", b"\xff\xd8" + bytes(300)) for n in range(4)]
+    memo = KnownBodies(max_bytes=3 * len(bodies[0]) + 10, inline=1 << 20)
+    keys = [await memo.key("ns", body) for body in bodies]
+    for key, body in zip(keys[:3], bodies[:3], strict=True):
+        memo.put(key, body, await keyed(keyer, body))
+    assert memo.get(keys[0], bodies[0]) is not None  # now the most recently used
+    memo.put(keys[3], bodies[3], await keyed(keyer, bodies[3]))
+    assert memo.get(keys[1], bodies[1]) is None  # the least recently used went out
+    assert all(
+        memo.get(k, b) is not None for k, b in zip(keys, bodies, strict=True) if k != keys[1]
+    )
