@@ -63,6 +63,9 @@ async def test_demo_runs_offline_and_every_outcome_is_as_scripted() -> None:
     assert "/dashboard" in out
 
 
+SERVE_START_TIMEOUT = 60.0
+
+
 async def start_serve(
     port: int, upstream_url: str, data_dir: Path, *extra: str, admin_port: int = 0
 ) -> asyncio.subprocess.Process:
@@ -84,16 +87,22 @@ async def start_serve(
             "VLCACHE_EMBEDDER": "none",
         },
     )
+    # A first start with an embedder exports it to ONNX (5-20 s on these 2 cores): wait for it,
+    # but not for a process that already gave up.
+    deadline = asyncio.get_running_loop().time() + SERVE_START_TIMEOUT
     async with aiohttp.ClientSession() as client:
-        for _ in range(150):
+        while asyncio.get_running_loop().time() < deadline and process.returncode is None:
             try:
                 async with client.get(f"http://127.0.0.1:{port}/v1/models") as r:
                     if r.status == 200:
                         return process
             except aiohttp.ClientConnectorError:
                 await asyncio.sleep(0.1)
-    process.kill()
-    pytest.fail("vlcache serve did not start")
+    if process.returncode is None:
+        process.kill()
+    assert process.stderr is not None
+    errors = (await process.stderr.read()).decode(errors="replace")[-2000:]
+    pytest.fail(f"vlcache serve did not start:\n{errors}")
 
 
 async def test_serve_on_a_fresh_data_dir_caches_with_no_extra_step(
