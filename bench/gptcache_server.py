@@ -64,7 +64,6 @@ from aiohttp import ClientSession, ClientTimeout, web
 
 READY_PATH = "/_gptcache/ready"
 MAX_PIXELS = 40_000_000  # vlcache's --max-image-pixels default
-DECODE_SIZE = 512  # proxy.semantic.DECODE_SIZE: vlcache decodes at this size, so the vectors match
 TOP_K = 3
 MAX_ENTRIES = 1_000_000
 _SPACES = re.compile(r"\s+")
@@ -146,13 +145,13 @@ def build_caches(
     # The package's top-level names are factory functions; the class lives in its module.
     from gptcache.similarity_evaluation.distance import SearchDistanceEvaluation
 
-    from embeddings.images import decode_image
+    from proxy.semantic import decode_picture
 
     class ImageEmbedding(BaseEmbedding):
         """vlcache's embedder on the image bytes, decoded as vlcache decodes them."""
 
         def to_embeddings(self, data: bytes, **_: Any) -> np.ndarray:
-            image = decode_image(data, max_pixels=MAX_PIXELS, size=DECODE_SIZE)
+            image = decode_picture(data, MAX_PIXELS)
             vector: np.ndarray = embedder.embed([image])[0]
             return vector
 

@@ -58,9 +58,8 @@ from embed_speed import draw_scene  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from embeddings.embedder import Embedder, load_embedder  # noqa: E402
-from embeddings.images import decode_image  # noqa: E402
 from embeddings.verifier import make_thumbnail  # noqa: E402
-from proxy.semantic import DECODE_SIZE  # noqa: E402
+from proxy.semantic import decode_picture  # noqa: E402
 from proxy.settings import Settings  # noqa: E402
 from proxy.standin import openai_answer  # noqa: E402
 from proxy.warmup import warm_up  # noqa: E402
@@ -134,7 +133,7 @@ def jpeg(image: Image.Image) -> bytes:
 def decode_all(photos: list[bytes]) -> tuple[list[Image.Image], float, float]:
     """The photos as the semantic tier decodes them; ms per photo to decode, to thumbnail."""
     started = time.perf_counter()
-    pictures = [decode_image(p, max_pixels=MAX_PIXELS, size=DECODE_SIZE) for p in photos]
+    pictures = [decode_picture(p, MAX_PIXELS) for p in photos]
     decoded = time.perf_counter()
     for picture in pictures:
         make_thumbnail(picture)

@@ -4,7 +4,7 @@ An embedding scores a product photo with "Â¥2999" against the same photo with "Â
 every semantic candidate is checked against a luma thumbnail stored with the cache entry.
 
 Thumbnail (``make_thumbnail``: once per stored image, once per query image, from the decoded
-picture; decode it with a shorter side of at least ~350 px, e.g. ``decode_image(size=512)``):
+picture; decode it with at least ``SOURCE_AREA`` pixels, ``decode_image(min_area=SOURCE_AREA)``):
 
 1. luma (transparent pixels over white);
 2. trim uniform borders (padding, letterbox, screenshot margins), found on a copy of at most
@@ -17,7 +17,10 @@ picture; decode it with a shorter side of at least ~350 px, e.g. ``decode_image(
    is still 7 px tall (at 160 px it would be 2 px and vanish); stored as a greyscale JPEG
    (quality ``JPEG_QUALITY``) behind an 8-byte header: median 15 kB, p95 37 kB.
 
-Verification (``verify``):
+Verification (``verify``; ``prepare`` does the part that needs one picture only: decoding the
+thumbnail, the blur of step 1 and the standardised and coarse copies of steps 2-3, so that the proxy
+prepares a query beside its embedding and keeps stored thumbnails prepared; ``verify_prepared`` the
+rest):
 
 1. bring both to the same pixel count (the larger is downsampled) and blur both by
    ``BLUR_SIGMA``, so that JPEG blocks and resampling kernels matter less;
@@ -68,7 +71,19 @@ from PIL import Image
 
 from embeddings.errors import ImageDecodeError
 
-__all__ = ["THRESHOLD", "Comparison", "Verdict", "compare", "make_thumbnail", "verify"]
+__all__ = [
+    "SOURCE_AREA",
+    "THRESHOLD",
+    "Comparison",
+    "Prepared",
+    "Verdict",
+    "compare",
+    "compare_prepared",
+    "make_thumbnail",
+    "prepare",
+    "verify",
+    "verify_prepared",
+]
 
 F32 = npt.NDArray[np.float32]
 
@@ -79,6 +94,9 @@ TRIM_OUTLIERS = 0.005
 SHAVE = 2
 THUMB_AREA = 160_000
 THUMB_MAX_SIDE = 1024
+# Decode pictures with at least this many pixels (``decode_image(min_area=SOURCE_AREA)``): a
+# thumbnail from a source within 5 % of THUMB_AREA's side keeps the same text legible.
+SOURCE_AREA = THUMB_AREA * 9 // 10
 JPEG_QUALITY = 85
 
 # Alignment
@@ -194,8 +212,8 @@ def content_box(luma: F32) -> tuple[int, int, int, int]:
 def make_thumbnail(image: Image.Image) -> bytes:
     """The bytes to store with a cache entry (and to compute for a query) for ``image``.
 
-    Pass the decoded picture at full size, or decoded with ``Image.draft`` to no less than about
-    1000 px on its long side: text must survive at ``THUMB_AREA`` pixels.
+    Pass the decoded picture with at least ``SOURCE_AREA`` pixels (or all it has): text must
+    survive at ``THUMB_AREA`` pixels.
     """
     try:
         luma = _luma(image)
@@ -309,11 +327,22 @@ def _windowed(a: F32) -> F32:
     return _f32(a * cv2.createHanningWindow((a.shape[1], a.shape[0]), cv2.CV_32F))
 
 
-def _coarse(a: F32, b: F32) -> Params:
-    """A first transform, found at about ``COARSE_AREA`` pixels (returned at full resolution)."""
+def _coarse_scale(size: int) -> float:
     # Sized by area, not by the long side, so that a 1024 x 117 strip keeps some height.
-    k = min(1.0, float(np.sqrt(COARSE_AREA / max(a.size, b.size))))
-    ca, cb = _standardise(_resize(a, k)), _standardise(_resize(b, k))
+    return min(1.0, float(np.sqrt(COARSE_AREA / size)))
+
+
+def _coarse_copy(a: F32, k: float) -> F32:
+    return _standardise(_resize(a, k))
+
+
+def _coarse(a: F32, b: F32, given: tuple[F32, F32] | None) -> Params:
+    """A first transform, found at about ``COARSE_AREA`` pixels (returned at full resolution).
+
+    ``given``: both coarse copies, already made (same-sized ``a`` and ``b``).
+    """
+    k = _coarse_scale(max(a.size, b.size))
+    ca, cb = given or (_coarse_copy(a, k), _coarse_copy(b, k))
     # The identity: both thumbnails hold the same trimmed content.
     sx, sy = cb.shape[1] / ca.shape[1], cb.shape[0] / ca.shape[0]
     best = np.array([sx, 0.0, sy, 0.0])
@@ -395,9 +424,9 @@ def _refine(a: F32, b: F32, p: Params, iterations: int, row_step: int) -> Params
     return np.array([q[0], q[1] - q[0] * x0, q[2], q[3] - q[2] * y0])
 
 
-def _align(a: F32, b: F32) -> Params:
-    a, b = _standardise(a), _standardise(b)
-    p = _coarse(a, b)
+def _align(a: F32, b: F32, coarse: tuple[F32, F32] | None) -> Params:
+    """The transform taking standardised ``a`` onto standardised ``b``."""
+    p = _coarse(a, b, coarse)
     # Half resolution by decimation (both are blurred already): half pixel i is full pixel 2i.
     ha, hb = np.ascontiguousarray(a[::2, ::2]), np.ascontiguousarray(b[::2, ::2])
     half = _refine(ha, hb, np.array([p[0], p[1] / 2, p[2], p[3] / 2]), LK_HALF_ITERATIONS, 1)
@@ -448,20 +477,64 @@ def _noise(ar: F32, diff: F32) -> tuple[float, float]:
     return noise, contrast
 
 
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """A thumbnail made ready for comparison.
+
+    ``prepare`` is the part of ``compare`` that depends on one picture alone, so the proxy
+    prepares a query while its embedding runs and keeps the prepared form of stored thumbnails.
+    """
+
+    thumbnail: bytes  # as made by make_thumbnail
+    blurred: F32  # its grey levels blurred by BLUR_SIGMA
+    standard: F32  # ``blurred`` at zero mean and unit spread
+    coarse: F32  # ``standard`` at about COARSE_AREA pixels, standardised again
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held."""
+        arrays = self.blurred.nbytes + self.standard.nbytes + self.coarse.nbytes
+        return len(self.thumbnail) + arrays
+
+
+def prepare(thumbnail: bytes) -> Prepared:
+    """``thumbnail`` (from ``make_thumbnail``) decoded and made ready for ``compare_prepared``.
+
+    Raises ``ImageDecodeError`` when it is not a thumbnail made by ``make_thumbnail``.
+    """
+    blurred = _blur(_parse(thumbnail), BLUR_SIGMA)
+    standard = _standardise(blurred)
+    return Prepared(
+        thumbnail, blurred, standard, _coarse_copy(standard, _coarse_scale(standard.size))
+    )
+
+
+def _at_size(p: Prepared, f: float) -> F32:
+    return _blur(_resize(_parse(p.thumbnail), f), BLUR_SIGMA)
+
+
 def compare(query: bytes, stored: bytes) -> Comparison:
     """Align two thumbnails and measure their worst window, noise floor and edge contrast.
 
     Raises ``ImageDecodeError`` when either argument is not a thumbnail made by
     ``make_thumbnail``.
     """
-    a, b = _parse(stored), _parse(query)
+    return compare_prepared(prepare(query), prepare(stored))
+
+
+def compare_prepared(query: Prepared, stored: Prepared) -> Comparison:
+    """``compare`` on prepared thumbnails."""
+    a, b = stored.blurred, query.blurred
+    sa, sb = stored.standard, query.standard
     # Same pixel count, so that both have the same resolution per pixel.
     if a.size > b.size / 0.9:
-        a = _resize(a, float(np.sqrt(b.size / a.size)))
+        a = _at_size(stored, float(np.sqrt(b.size / a.size)))
+        sa = _standardise(a)
     elif b.size > a.size / 0.9:
-        b = _resize(b, float(np.sqrt(a.size / b.size)))
-    a, b = _blur(a, BLUR_SIGMA), _blur(b, BLUR_SIGMA)
-    p = _align(a, b)
+        b = _at_size(query, float(np.sqrt(a.size / b.size)))
+        sb = _standardise(b)
+    same = a.shape == b.shape and sa is stored.standard and sb is query.standard
+    p = _align(sa, sb, (stored.coarse, query.coarse) if same else None)
     x0, y0, x1, y1 = rect = _overlap(p, a.shape, b.shape, EDGE_MARGIN)
     overlap = max(0, x1 - x0) * max(0, y1 - y0) / a.size
     if overlap < MIN_OVERLAP or x1 - x0 < 2 * WINDOW or y1 - y0 < 2 * WINDOW:
@@ -483,7 +556,12 @@ def verify(query: bytes, stored: bytes) -> Verdict:
     Raises ``ImageDecodeError`` when either argument is not a thumbnail made by
     ``make_thumbnail``.
     """
-    c = compare(query, stored)
+    return verify_prepared(prepare(query), prepare(stored))
+
+
+def verify_prepared(query: Prepared, stored: Prepared) -> Verdict:
+    """``verify`` on prepared thumbnails."""
+    c = compare_prepared(query, stored)
     if not np.isfinite(c.score):
         return Verdict(False, float("inf"), f"no alignment (overlap {c.overlap:.0%})")
     if c.noise >= NOISE_MAX and c.noise >= NOISE_MAX_RELATIVE * (c.contrast + 1.0):

@@ -1,11 +1,14 @@
 """``SemanticTier``: near-duplicate pictures get the cached answer, verified pixel by pixel.
 
-For each image of a request: decode it (bounded pixel count, JPEG draft mode) and make its
-verifier thumbnail in the CPU pool, then embed it through the micro-batcher (one forward pass for
-images of concurrent requests, on the embedder's own thread). A lookup asks the store for entries
-of the same namespace + question whose every image reaches the threshold, best first, and accepts
-the first whose stored thumbnails pass the verifier at every position (the embedding cannot tell
-"¥2999" from "¥3999"; the verifier can).
+For each image of a request: decode it in the CPU pool (bounded pixel count, JPEG draft mode, no
+more pixels than the embedder and the verifier's thumbnail need), then embed it through the
+micro-batcher (one forward pass for images of concurrent requests, on the embedder's own thread)
+while the CPU pool makes its verifier thumbnail and prepares it for comparison. A lookup asks the
+store for entries of the same namespace + question whose every image reaches the threshold, best
+first, and accepts the first whose stored thumbnails pass the verifier at every position (the
+embedding cannot tell "¥2999" from "¥3999"; the verifier can). Stored thumbnails are kept
+prepared in a small LRU (hot entries skip the SQL read and the preparation), and the answer is
+read while the verifier runs.
 
 Everything here can fail (undecodable image, embedder error, saturated queue, time budget
 exceeded): the caller treats a failure as "no semantic answer" and goes upstream.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -24,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from embeddings.images import decode_image
-from embeddings.verifier import make_thumbnail, verify
+from embeddings.verifier import SOURCE_AREA, Prepared, make_thumbnail, prepare, verify_prepared
 from store.cache import CacheStore
 from store.records import StoredAnswer
 
@@ -35,9 +39,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The verifier compares thumbnails of a few hundred pixels: decode at least that large.
-DECODE_SIZE = 512
+# The embedders' input side (ViT-B-32 and EfficientNet-Lite0 both take 224 x 224).
+EMBED_SIDE = 224
 _CANDIDATES_VERIFIED = 3
+# Prepared stored thumbnails kept in memory (a 460 x 345 thumbnail prepares to ~1.3 MB).
+PREPARED_CACHE_BYTES = 64 * 2**20
 # Candidates this far under the threshold are reported as near-misses (never served).
 NEAR_MISS_MARGIN = 0.05
 BELOW = "below threshold"
@@ -49,7 +55,12 @@ class EmbeddedImages:
     """A request's images as the semantic tier sees them, in position order."""
 
     vectors: np.ndarray  # (k, dim) float32, unit rows
-    thumbnails: tuple[bytes, ...]
+    thumbnails: tuple[Prepared, ...]  # the verifier's thumbnails (``.thumbnail`` is stored)
+
+    @property
+    def thumbnail_bytes(self) -> tuple[bytes, ...]:
+        """The thumbnails as stored with an entry."""
+        return tuple(t.thumbnail for t in self.thumbnails)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +107,7 @@ class SemanticTier:
         self._cpu_pool = cpu_pool
         self._max_pixels = max_pixels
         self._budget = budget
+        self._prepared = _PreparedCache(PREPARED_CACHE_BYTES)
 
     @property
     def queue_depth(self) -> int:
@@ -109,17 +121,18 @@ class SemanticTier:
             decoded = await asyncio.gather(
                 *(loop.run_in_executor(self._cpu_pool, self._decode, data) for data in images)
             )
-            # The thumbnails are made while the embedder works: they are off its critical path.
+            # The thumbnails are made and prepared while the embedder works: off its critical
+            # path on a machine with a second core.
             vectors, thumbnails = await asyncio.gather(
                 asyncio.gather(*(self._batcher.submit(image) for image in decoded)),
                 asyncio.gather(
-                    *(loop.run_in_executor(self._cpu_pool, make_thumbnail, i) for i in decoded)
+                    *(loop.run_in_executor(self._cpu_pool, _thumbnail, i) for i in decoded)
                 ),
             )
         return EmbeddedImages(np.stack(vectors), tuple(thumbnails))
 
     def _decode(self, data: bytes) -> Image.Image:
-        return decode_image(data, max_pixels=self._max_pixels, size=DECODE_SIZE)
+        return decode_picture(data, self._max_pixels)
 
     async def lookup(
         self, store: CacheStore, namespace: str, fingerprint: str, query: EmbeddedImages
@@ -127,20 +140,26 @@ class SemanticTier:
         """The best verified near-duplicate entry of this question, and else the closest one."""
         floor = max(self.threshold - NEAR_MISS_MARGIN, 0.0)
         candidates = await store.find_similar(namespace, fingerprint, query.vectors, floor)
-        loop = asyncio.get_running_loop()
         closest = None
         for candidate in candidates[:_CANDIDATES_VERIFIED]:
             if candidate.similarity < self.threshold:
                 # Best first: this and every later candidate is under the threshold.
                 closest = closest or Closest(candidate.entry_id, candidate.similarity, BELOW)
                 break
-            stored = await store.thumbnails(candidate.entry_id)
-            if len(stored) != len(query.thumbnails) or any(t is None for t in stored):
+            stored = await self._stored(store, candidate.entry_id)
+            if stored is None or len(stored) != len(query.thumbnails):
                 continue
-            passed = await loop.run_in_executor(
-                self._cpu_pool, _verify_all, query.thumbnails, stored
-            )
+            # Read the answer while the verifier works: most candidates that get here pass.
+            reading = asyncio.ensure_future(store.answer_by_id(candidate.entry_id))
+            try:
+                passed = await asyncio.get_running_loop().run_in_executor(
+                    self._cpu_pool, _verify_all, query.thumbnails, stored
+                )
+            except BaseException:
+                _ignore(reading)
+                raise
             if not passed:
+                _ignore(reading)
                 log.debug(
                     "entry %d: similar (%.4f) but rejected by the verifier",
                     candidate.entry_id,
@@ -148,16 +167,77 @@ class SemanticTier:
                 )
                 closest = closest or Closest(candidate.entry_id, candidate.similarity, REJECTED)
                 continue
-            answer = await store.answer_by_id(candidate.entry_id)
+            answer = await reading
             if answer is not None:
                 return SemanticLookup(SemanticHit(answer, candidate.similarity), None)
         return SemanticLookup(None, closest)
 
+    async def _stored(self, store: CacheStore, entry_id: int) -> tuple[Prepared, ...] | None:
+        """An entry's thumbnails, prepared (None when one is missing)."""
+        prepared = self._prepared.get(entry_id)
+        if prepared is None:
+            blobs = await store.thumbnails(entry_id)
+            present = [blob for blob in blobs if blob is not None]
+            if not present or len(present) != len(blobs):
+                return None
+            loop = asyncio.get_running_loop()
+            prepared = tuple(await loop.run_in_executor(self._cpu_pool, _prepare_all, present))
+            self._prepared.put(entry_id, prepared)
+        return prepared
 
-def _verify_all(query: Sequence[bytes], stored: Sequence[bytes | None]) -> bool:
+
+class _PreparedCache:
+    """Least recently used prepared thumbnails by entry id, bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._items: OrderedDict[int, tuple[Prepared, ...]] = OrderedDict()
+
+    def get(self, entry_id: int) -> tuple[Prepared, ...] | None:
+        item = self._items.get(entry_id)
+        if item is not None:
+            self._items.move_to_end(entry_id)
+        return item
+
+    def put(self, entry_id: int, item: tuple[Prepared, ...]) -> None:
+        old = self._items.pop(entry_id, None)
+        if old is not None:
+            self._bytes -= _nbytes(old)
+        self._items[entry_id] = item
+        self._bytes += _nbytes(item)
+        while self._bytes > self._max_bytes and len(self._items) > 1:
+            _, evicted = self._items.popitem(last=False)
+            self._bytes -= _nbytes(evicted)
+
+
+def _nbytes(item: tuple[Prepared, ...]) -> int:
+    return sum(p.nbytes for p in item)
+
+
+def _ignore(read: asyncio.Future[StoredAnswer | None]) -> None:
+    """Let an unwanted read finish on its own (cancelling a query mid-flight can cost the
+    connection) and retrieve its outcome, so that a failure is not reported as unretrieved."""
+    read.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+
+def decode_picture(data: bytes, max_pixels: int) -> Image.Image:
+    """A picture decoded as the semantic tier uses it (for a look-up and for storing an entry):
+    enough pixels for the embedder's input and for the verifier's thumbnail, and no more."""
+    return decode_image(data, max_pixels=max_pixels, size=EMBED_SIDE, min_area=SOURCE_AREA)
+
+
+def _thumbnail(image: Image.Image) -> Prepared:
+    return prepare(make_thumbnail(image))
+
+
+def _prepare_all(blobs: Sequence[bytes]) -> list[Prepared]:
+    return [prepare(blob) for blob in blobs]
+
+
+def _verify_all(query: Sequence[Prepared], stored: Sequence[Prepared]) -> bool:
     return all(
-        thumb is not None and verify(mine, thumb).passed
-        for mine, thumb in zip(query, stored, strict=True)
+        verify_prepared(mine, theirs).passed for mine, theirs in zip(query, stored, strict=True)
     )
 
 

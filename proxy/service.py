@@ -707,4 +707,4 @@ def _with_vectors(
     """``entry`` with its images' vectors and thumbnails, when they were computed."""
     if embedded is None or embedder_id is None:
         return entry
-    return entry.with_vectors(embedder_id, embedded.vectors, embedded.thumbnails)
+    return entry.with_vectors(embedder_id, embedded.vectors, embedded.thumbnail_bytes)

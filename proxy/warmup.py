@@ -43,7 +43,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from embeddings.errors import ImageDecodeError, ModelLoadError
-from embeddings.images import decode_image
 from embeddings.keys import namespace_for
 from embeddings.verifier import make_thumbnail
 from store.cache import CacheStore
@@ -57,7 +56,7 @@ from .failures import FailureLog
 from .fetch import ImageFetcher, create_fetch_session
 from .history import Location, LoggedExchange, LogLines, Skip, Unreadable, count_lines
 from .protocol import AnswerFacts, read_answer
-from .semantic import DECODE_SIZE
+from .semantic import decode_picture
 from .settings import Settings
 from .tally import Outcome, Tally
 
@@ -379,7 +378,7 @@ class _Importer:
 
     def _decode(self, data: bytes) -> tuple[Image.Image, bytes]:
         """The picture as the semantic tier decodes it, and its verifier thumbnail."""
-        picture = decode_image(data, max_pixels=self._settings.max_image_pixels, size=DECODE_SIZE)
+        picture = decode_picture(data, self._settings.max_image_pixels)
         return picture, make_thumbnail(picture)
 
     async def _embed_all(

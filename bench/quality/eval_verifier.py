@@ -32,14 +32,13 @@ from typing import Any
 import numpy as np
 
 from bench import _common
+from bench.quality import pipeline
 from bench.quality.dataset import DEFAULT_CACHE
 from embeddings import verifier
-from embeddings.images import decode_image
+from proxy.semantic import decode_picture
 
 LABELS = ("positive", "hard_text", "hard_similar", "negative")
 MAX_PIXELS = 50_000_000
-# What proxy/semantic.py decodes at (shorter side, JPEG DCT scaling): the thumbnail sees that.
-DECODE_SIZE = 512
 
 
 def _ms(values: Sequence[float]) -> str:
@@ -51,14 +50,12 @@ def _rate(flags: Sequence[bool]) -> str:
     return f"{sum(flags)}/{len(flags)} = {100 * sum(flags) / max(1, len(flags)):.1f}%"
 
 
-def _thumbnails(
-    cache: Path, paths: set[str], decode_size: int
-) -> tuple[dict[str, bytes], list[float]]:
-    """Thumbnails made the way the proxy makes them: ``decode_image`` then ``make_thumbnail``."""
+def _thumbnails(cache: Path, paths: set[str]) -> tuple[dict[str, bytes], list[float]]:
+    """Thumbnails made the way the proxy makes them: ``decode_picture``, ``make_thumbnail``."""
     thumbs: dict[str, bytes] = {}
     times: list[float] = []
     for n, rel in enumerate(sorted(paths)):
-        image = decode_image((cache / rel).read_bytes(), max_pixels=MAX_PIXELS, size=decode_size)
+        image = decode_picture((cache / rel).read_bytes(), MAX_PIXELS)
         started = time.perf_counter()
         thumbs[rel] = verifier.make_thumbnail(image)
         times.append(time.perf_counter() - started)
@@ -67,9 +64,7 @@ def _thumbnails(
     return thumbs, times
 
 
-def evaluate(
-    cache: Path, negatives: int, decode_size: int = DECODE_SIZE
-) -> tuple[list[dict[str, Any]], str]:
+def evaluate(cache: Path, negatives: int) -> tuple[list[dict[str, Any]], str]:
     """Verify every pair of the manifest (and a sample of negatives); return records and report."""
     manifest = json.loads((cache / "manifest.json").read_text())
     pairs = [p for p in manifest["pairs"] if p["label"] != "negative"]
@@ -78,7 +73,7 @@ def evaluate(
     load = _common.background_load(1.0)
     with _common.timed(f"thumbnails of {len(pairs)} pairs"):
         thumbs, thumb_times = _thumbnails(
-            cache, {p["query"] for p in pairs} | {p["reference"] for p in pairs}, decode_size
+            cache, {p["query"] for p in pairs} | {p["reference"] for p in pairs}
         )
     records: list[dict[str, Any]] = []
     verify_times: list[float] = []
@@ -110,7 +105,7 @@ def evaluate(
         f"({negatives} sampled distinct negatives). THRESHOLD={verifier.THRESHOLD}, "
         f"NOISE_MAX={verifier.NOISE_MAX}, NOISE_MAX_RELATIVE={verifier.NOISE_MAX_RELATIVE}, "
         f"THUMB_AREA={verifier.THUMB_AREA}; pictures decoded "
-        f"with decode_image(size={decode_size}) as the proxy does.",
+        "with proxy.semantic.decode_picture as the proxy does.",
         "",
         f"- make_thumbnail: {_ms(thumb_times)}",
         f"- verify: {_ms(verify_times)}",
@@ -166,14 +161,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="dataset directory")
     parser.add_argument("--negatives", type=int, default=1000, help="distinct pairs to sample")
-    parser.add_argument(
-        "--decode-size", type=int, default=DECODE_SIZE, help="decode_image size (shorter side)"
-    )
     parser.add_argument("--results", action="store_true", help="write into bench/RESULTS.md")
     args = parser.parse_args(argv)
     cache = args.cache.expanduser().resolve()
-    records, report = evaluate(cache, args.negatives, args.decode_size)
-    (cache / "verifier_scores.json").write_text(json.dumps(records, ensure_ascii=False))
+    records, report = evaluate(cache, args.negatives)
+    saved = {"pipeline": pipeline.VERDICTS, "records": records}
+    (cache / "verifier_scores.json").write_text(json.dumps(saved, ensure_ascii=False))
     print(report)
     print(f"\nper-pair scores: {cache / 'verifier_scores.json'}")
     if args.results:

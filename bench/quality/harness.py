@@ -7,9 +7,11 @@ Usage (from the repo root, after ``python -m bench.quality.dataset`` and, for th
 
 1. Embeds every picture of the manifest once with the offline embedder (EfficientNet-Lite0, fp32,
    2 threads), decoded exactly as ``proxy/semantic.py`` decodes them; the vectors are cached in
-   ``embeddings-efficientnet-lite0-fp32.npz`` in the dataset directory, keyed by path + mtime.
+   ``embeddings-efficientnet-lite0-fp32-<code digest>.npz`` in the dataset directory, keyed by
+   path + mtime (``bench.quality.pipeline``: other decoding or preprocessing code, another file).
 2. For every labelled pair: cosine, and the verifier's verdict (from ``verifier_scores.json`` when
-   there, else computed). A pair is a hit when cosine >= threshold and the verifier passes.
+   it was made by the same code, else computed). A pair is a hit when cosine >= threshold and the
+   verifier passes.
 3. Distinct pictures: all-vs-all over the reference pictures (pairs of the same group are
    ``hard_similar``, not distinct), cosines by one matrix product; the verifier runs lazily only on
    the pairs above the lowest threshold of the curve, in both directions (a hit either way counts).
@@ -41,13 +43,13 @@ from typing import Any
 import numpy as np
 
 from bench import _common
+from bench.quality import pipeline
 from bench.quality.dataset import DEFAULT_CACHE
 from embeddings.efficientnet import EFFICIENTNET_DEFAULT_THRESHOLD
-from embeddings.images import decode_image
 from embeddings.verifier import make_thumbnail, verify
+from proxy.semantic import decode_picture
 
 MAX_PIXELS = 40_000_000  # Settings.max_image_pixels
-DECODE_SIZE = 512  # proxy.semantic.DECODE_SIZE
 BATCH = 16
 MODEL = "efficientnet-lite0"
 THRESHOLDS = tuple(round(0.60 + 0.01 * i, 2) for i in range(39))  # 0.60 .. 0.98
@@ -62,17 +64,20 @@ CREDENTIAL = {"Authorization": "Bearer sk-quality-bench"}
 # --- embeddings ----------------------------------------------------------------------------------
 
 
+_VECTORS = f"embeddings-{MODEL}-fp32-{pipeline.VECTORS}"
+
+
 def _key(cache: Path, rel: str) -> str:
     return f"{rel}|{(cache / rel).stat().st_mtime_ns}"
 
 
 def _decode(path: Path) -> Any:
-    return decode_image(path.read_bytes(), max_pixels=MAX_PIXELS, size=DECODE_SIZE)
+    return decode_picture(path.read_bytes(), MAX_PIXELS)
 
 
 def _load_vectors(cache: Path) -> dict[str, np.ndarray]:
     known: dict[str, np.ndarray] = {}
-    for store in sorted(cache.glob(f"embeddings-{MODEL}-fp32*.npz")):
+    for store in sorted(cache.glob(f"{_VECTORS}*.npz")):
         with np.load(store) as npz:
             known.update(zip(npz["keys"].tolist(), npz["vectors"], strict=True))
     return known
@@ -98,8 +103,8 @@ def embed_all(
     missing = [rel for rel in paths if keys[rel] not in known]
     k, n = shard
     missing = missing[k::n]
-    store = cache / f"embeddings-{MODEL}-fp32{'' if n == 1 else f'-shard{k}'}.npz"
-    shards = sorted(cache.glob(f"embeddings-{MODEL}-fp32-shard*.npz"))
+    store = cache / f"{_VECTORS}{'' if n == 1 else f'-shard{k}'}.npz"
+    shards = sorted(cache.glob(f"{_VECTORS}-shard*.npz"))
     if missing or (n == 1 and shards):
         fresh: dict[str, np.ndarray] = {}
         with _common.timed(f"embed {len(missing)} pictures (batch {BATCH})"):
@@ -133,8 +138,9 @@ class Verdicts:
         self.cache = cache
         self.known: dict[tuple[str, str], bool] = {}
         scores = cache / "verifier_scores.json"
-        if scores.exists():
-            for r in json.loads(scores.read_text()):
+        saved = json.loads(scores.read_text()) if scores.exists() else {}
+        if saved.get("pipeline") == pipeline.VERDICTS:
+            for r in saved["records"]:
                 self.known[(r["query"], r["reference"])] = bool(r["passed"])
         self.thumbs: dict[str, bytes] = {}
         self.computed = 0
@@ -527,8 +533,8 @@ def report(cache: Path, manifest: dict[str, Any], ev: Evaluation, chosen: float)
         )
         + f"; distinct pairs all-vs-all {len(ev.d_cos)} (tune {tot['tune']}, held {tot['held']}, "
         f"tune x held {tot['mixed']}; {ev.excluded_same_group} same-group pairs left out as "
-        "hard_similar). Pictures decoded with `decode_image(max_pixels=40M, size=512)` as the "
-        "proxy does, embedded by EfficientNet-Lite0 fp32 (2 threads).",
+        "hard_similar). Pictures decoded by `proxy.semantic.decode_picture` (max_pixels 40M) as "
+        "the proxy does, embedded by EfficientNet-Lite0 fp32 (2 threads).",
         "",
         f"Verifier: {ev.verdicts.reused} verdicts reused from verifier_scores.json, "
         f"{ev.verdicts.computed} computed; the distinct pairs needing it (cosine >= "

@@ -162,6 +162,15 @@ def test_jpeg_is_decoded_at_reduced_scale(
     assert large.size == (900, 700)
 
 
+def test_jpeg_scale_also_keeps_the_area_asked_for(
+    to_bytes: ToBytes, scene: Callable[..., Image.Image]
+) -> None:
+    data = to_bytes(scene(1, size=(1800, 1400)), "JPEG", quality=90)
+    # 1/4 would leave 157,500 pixels: 1/2 is the smallest scale with 200,000.
+    assert decode_image(data, max_pixels=LIMIT, min_area=200_000).size == (900, 700)
+    assert decode_image(data, max_pixels=LIMIT, min_area=150_000).size == (450, 350)
+
+
 def test_large_png_is_reduced_but_never_below_size(
     to_bytes: ToBytes, scene: Callable[..., Image.Image]
 ) -> None:
@@ -170,6 +179,14 @@ def test_large_png_is_reduced_but_never_below_size(
     assert image.size == (1600 // 4, 1000 // 4)
     small = decode_image(to_bytes(scene(2, size=(300, 200)), "PNG"), max_pixels=LIMIT)
     assert small.size == (300, 200)
+
+
+def test_png_reduction_also_keeps_the_area_asked_for(
+    to_bytes: ToBytes, scene: Callable[..., Image.Image]
+) -> None:
+    data = to_bytes(scene(2, size=(1600, 1000)), "PNG")
+    # A factor of 4 leaves 100,000 pixels, 3 leaves 177,600: the area asks for 3.
+    assert decode_image(data, max_pixels=LIMIT, min_area=150_000).size == (534, 334)  # ceil
 
 
 def test_pixel_limit_is_checked_from_the_header(to_bytes: ToBytes) -> None:

@@ -133,3 +133,20 @@ def test_garbage_raises_decode_error(stored: bytes, blob: bytes) -> None:
 def test_truncated_thumbnail_raises(stored: bytes) -> None:
     with pytest.raises(ImageDecodeError):
         verifier.verify(stored[: len(stored) // 2], stored)
+
+
+def test_a_prepared_thumbnail_can_be_kept_and_reused(stored: bytes) -> None:
+    """The proxy keeps stored thumbnails prepared: comparing must never alter them."""
+    kept = verifier.prepare(stored)
+    before = [kept.blurred.copy(), kept.standard.copy(), kept.coarse.copy()]
+    queries = [verifier.make_thumbnail(BENIGN[edit](product_photo("¥2999"))) for edit in BENIGN]
+    queries.append(verifier.make_thumbnail(product_photo("¥3999")))
+    first = [verifier.compare_prepared(verifier.prepare(q), kept) for q in queries]
+    again = [verifier.compare_prepared(verifier.prepare(q), kept) for q in reversed(queries)]
+    assert first == again[::-1]
+    assert first == [verifier.compare(q, stored) for q in queries]
+    for array, copy in zip((kept.blurred, kept.standard, kept.coarse), before, strict=True):
+        assert np.array_equal(array, copy)
+    assert [verifier.verify_prepared(verifier.prepare(q), kept).passed for q in queries] == [
+        True
+    ] * len(BENIGN) + [False]

@@ -189,6 +189,8 @@ async def test_a_deleted_entry_leaves_the_index(
     async with client.get(admin.make_url(thumbnail)) as response:
         assert response.content_type == "image/jpeg"
         assert Image.open(io.BytesIO(await response.read())).mode == "L"
+    # A semantic hit first: the entry's thumbnails are now kept prepared in memory.
+    assert (await ask(client, semantic_proxy, photos["phone_q50"]))["X-Cache-Match"] == "semantic"
 
     async with client.delete(admin.make_url(f"/entries/{first['X-Cache-Entry']}")) as response:
         assert response.status == 200
