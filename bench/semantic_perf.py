@@ -162,6 +162,7 @@ class Config:
     matches: Counter[str] = field(default_factory=Counter)
     exact: list[float] = field(default_factory=list)
     pieces: dict[str, list[float]] = field(default_factory=dict)
+    entry: int = 0  # the stored entry the hits find
     seq_rate: float = 0.0
     conc_rate: float = 0.0
     direct_rate: float = 0.0
@@ -266,7 +267,7 @@ async def _hits(
     _, headers, status = await post(session, url, chat(photo, question))
     if headers.get("X-Cache") != "MISS" or status != 200:
         raise RuntimeError(f"priming request: {status} {headers.get('X-Cache')}")
-    config.pieces["entry"] = [float(headers["X-Cache-Entry"])]
+    config.entry = int(headers["X-Cache-Entry"])
     await settle(app)
     bodies = [chat(copy, question) for copy in copies]
     for body in bodies[: args.warmup]:
@@ -291,7 +292,7 @@ async def _pieces(
     copies: list[bytes],
     args: argparse.Namespace,
 ) -> None:
-    entry = int(config.pieces.pop("entry")[0])
+    entry = config.entry
     stored_image = decode_picture(photo, MAX_PIXELS)
     stored_thumb = prepare(make_thumbnail(stored_image))
     index = VectorIndex(embedder.id, embedder.dim)
@@ -342,11 +343,18 @@ async def _pieces(
         pieces[keys[7]].append(time.perf_counter() - started)
         if not verdict.passed:
             raise RuntimeError("verifier rejected a re-encoded copy")
-        pieces[keys[8]].append(await timed_async(lambda: store.answer_by_id(entry)))
+
+        async def answer() -> None:
+            if await store.answer_by_id(entry) is None:
+                raise RuntimeError(f"entry {entry} not found")
+
+        pieces[keys[8]].append(await timed_async(answer))
 
         async def first_hit() -> None:
             blobs = await store.thumbnails(entry)
-            prepare(blobs[0] or b"")
+            if len(blobs) != 1 or blobs[0] is None:
+                raise RuntimeError(f"entry {entry} has no thumbnail")
+            prepare(blobs[0])
 
         pieces[keys[9]].append(await timed_async(first_hit))
     await batcher.close()
