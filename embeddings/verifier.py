@@ -51,8 +51,8 @@ edges disagree by tens of grey levels, as much as the edges' own contrast. The l
 the same picture with other text: one window far above a quiet noise floor. ``THRESHOLD`` was set
 on the tune half of the quality benchmark (``bench/quality``) below its lowest text-edit score
 (3.01), and checked on the held-out half (lowest 3.21): no text or digit edit passes, 95 % of
-benign edits do. Measured cost on this machine (2 cores): ``verify`` 4.6-5 ms median, 9 ms p99
-(0.5 ms of it decoding the two JPEGs); ``make_thumbnail`` about 2 ms median.
+benign edits do. Measured cost for a 900x700 photo decoded at half scale (a slow 2-core AVX2
+machine): ``make_thumbnail`` 1.8 ms, ``prepare`` 1.2 ms, ``verify_prepared`` 3.5-6.8 ms median.
 
 Blind spots: brightness only, so a change of hue alone (blue text on a dark grey of the same
 brightness) passes; text within ``EDGE_MARGIN`` px of the edge is not compared; text much smaller
