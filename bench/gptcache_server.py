@@ -312,7 +312,9 @@ def make_app(args: argparse.Namespace) -> web.Application:
     from embeddings.embedder import load_embedder
 
     torch.set_num_threads(args.torch_threads)
-    embedder = load_embedder(args.embedder, precision=args.precision, threads=args.torch_threads)
+    embedder = load_embedder(
+        args.embedder, precision=args.precision, threads=args.torch_threads, runtime=args.runtime
+    )
     cosine = embedder.default_threshold if args.threshold is None else args.threshold
     args.data_dir.mkdir(parents=True, exist_ok=True)
     lookup, store = build_caches(args.data_dir, embedder, cosine, args.levels)
@@ -343,6 +345,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--threshold", type=float, default=None, help="cosine; default: embedder's")
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument(
+        "--runtime", choices=("onnx", "torch"), default="onnx", help="the embedder's runtime"
+    )
     parser.add_argument("--workers", type=int, default=2, help="threads running get/put")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -12,10 +12,10 @@ Every server runs in its own process on 127.0.0.1, in front of one upstream doub
 (``proxy.standin.StandIn``, latency 0):
 
 - vlcache: ``vlcache serve --embedder efficientnet-lite0 --embed-precision fp32
-  --embed-threads T`` (threshold: the embedder's default cosine 0.70);
+  --embed-runtime R --embed-threads T`` (threshold: the embedder's default cosine 0.70);
 - GPTCache: ``bench/gptcache_server.py`` (its docstring says how it is wired: GPTCache's own
   ``Cache`` with a SQLite + FAISS data manager, the same embedder on the same decoded picture, a
-  search-distance evaluation at the equivalent threshold, torch threads T), in two
+  search-distance evaluation at the equivalent threshold, the same runtime R and threads T), in two
   configurations: the similar cache alone, as GPTCache's documentation sets one up ("GPTCache"),
   and with an exact L1 cache chained in front through ``next_cache`` ("GPTCache + L1");
 - the double itself, called directly, and ``_common.serve_floor`` (a trivial aiohttp server that
@@ -229,6 +229,7 @@ def start_caches(
         c.tool("vlcache"), "serve", "--upstream", upstream.url, "--port", str(port),
         "--data-dir", str(work_dir / f"vlcache{tag}"), "--log-level", "WARNING",
         "--embedder", "efficientnet-lite0", "--embed-precision", "fp32",
+        "--embed-runtime", args.runtime,
         "--embed-threads", str(args.torch_threads), "--admin-port", "0",
     ]  # fmt: skip
     server = procs.start(f"vlcache{tag}", vlcache_argv, port, ready_path="/v1/models", timeout=120)
@@ -240,6 +241,7 @@ def start_caches(
             sys.executable, str(SERVER), "--port", str(port), "--upstream", upstream.url,
             "--data-dir", str(work_dir / f"gptcache-{level}{tag}"), "--levels", str(level),
             "--torch-threads", str(args.torch_threads), "--workers", str(args.gptcache_workers),
+            "--runtime", args.runtime,
         ]  # fmt: skip
         server = procs.start(f"gptcache-{level}{tag}", argv, port, ready_path="/_gptcache/ready")
         caches.append(Cache(label, server, expect))
@@ -283,6 +285,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=16, help="clients of throughput runs")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of throughput runs")
     parser.add_argument("--torch-threads", type=int, default=1, help="both caches' embedder")
+    parser.add_argument(
+        "--runtime",
+        choices=("onnx", "torch"),
+        default="onnx",
+        help="both caches' embedder runtime (onnx: what vlcache serve runs by default)",
+    )
     parser.add_argument("--gptcache-workers", type=int, default=2, help="threads for get/put")
     parser.add_argument(
         "--quality-refs", type=int, default=100, help="references stored (0: half the set)"
