@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import hashlib
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import xxhash
@@ -14,6 +13,7 @@ from multidict import CIMultiDictProxy
 
 from embeddings.keys import exact_key, image_digest, namespace_for, question_fingerprint
 from store.cache import new_entry_id
+from store.memory import ByteLRU
 from store.records import NewEntry, NewImage
 
 from .fetch import ImageFetcher
@@ -171,11 +171,9 @@ class KnownBodies:
     """
 
     def __init__(self, max_bytes: int, inline: int) -> None:
-        self._max_bytes = max_bytes
         self._inline = inline
-        self._bytes = 0
-        self._items: OrderedDict[tuple[str, int | bytes], tuple[bytes | None, CachedCall]] = (
-            OrderedDict()
+        self._items: ByteLRU[tuple[str, int | bytes], tuple[bytes | None, CachedCall]] = ByteLRU(
+            max_bytes, _kept_bytes
         )
 
     async def key(self, scope: str, body: bytes) -> tuple[str, int | bytes]:
@@ -190,25 +188,17 @@ class KnownBodies:
         item = self._items.get(key)
         if item is None or (item[0] is not None and item[0] != body):
             return None
-        self._items.move_to_end(key)
         return item[1]
 
     def put(self, key: tuple[str, int | bytes], body: bytes, call: CachedCall) -> None:
         """Remember ``call`` (without its images' bytes) for ``body``."""
         kept = body if isinstance(key[1], int) else None
-        old = self._items.pop(key, None)
-        if old is not None:
-            self._bytes -= _kept_bytes(old[0])
-        self._items[key] = (kept, call.without_images())
-        self._bytes += _kept_bytes(kept)
-        while self._bytes > self._max_bytes:
-            _, (evicted, _) = self._items.popitem(last=False)
-            self._bytes -= _kept_bytes(evicted)
+        self._items.put(key, (kept, call.without_images()))
 
 
-def _kept_bytes(body: bytes | None) -> int:
+def _kept_bytes(item: tuple[bytes | None, CachedCall]) -> int:
     # A SHA-256-keyed item still costs its key and call: count it, so that their number is bounded.
-    return 256 if body is None else len(body)
+    return 256 if item[0] is None else len(item[0])
 
 
 def _sha256(body: bytes) -> bytes:

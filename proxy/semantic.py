@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from PIL import Image
 from embeddings.images import decode_image
 from embeddings.verifier import SOURCE_AREA, Prepared, make_thumbnail, prepare, verify_prepared
 from store.cache import CacheStore
+from store.memory import ByteLRU
 from store.records import StoredAnswer
 
 from .batcher import MicroBatcher
@@ -107,7 +107,8 @@ class SemanticTier:
         self._cpu_pool = cpu_pool
         self._max_pixels = max_pixels
         self._budget = budget
-        self._prepared = _PreparedCache(PREPARED_CACHE_BYTES)
+        # Prepared stored thumbnails by entry id.
+        self._prepared: ByteLRU[int, tuple[Prepared, ...]] = ByteLRU(PREPARED_CACHE_BYTES, _nbytes)
 
     @property
     def queue_depth(self) -> int:
@@ -184,31 +185,6 @@ class SemanticTier:
             prepared = tuple(await loop.run_in_executor(self._cpu_pool, _prepare_all, present))
             self._prepared.put(entry_id, prepared)
         return prepared
-
-
-class _PreparedCache:
-    """Least recently used prepared thumbnails by entry id, bounded in bytes."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self._max_bytes = max_bytes
-        self._bytes = 0
-        self._items: OrderedDict[int, tuple[Prepared, ...]] = OrderedDict()
-
-    def get(self, entry_id: int) -> tuple[Prepared, ...] | None:
-        item = self._items.get(entry_id)
-        if item is not None:
-            self._items.move_to_end(entry_id)
-        return item
-
-    def put(self, entry_id: int, item: tuple[Prepared, ...]) -> None:
-        old = self._items.pop(entry_id, None)
-        if old is not None:
-            self._bytes -= _nbytes(old)
-        self._items[entry_id] = item
-        self._bytes += _nbytes(item)
-        while self._bytes > self._max_bytes and len(self._items) > 1:
-            _, evicted = self._items.popitem(last=False)
-            self._bytes -= _nbytes(evicted)
 
 
 def _nbytes(item: tuple[Prepared, ...]) -> int:
