@@ -3,12 +3,12 @@
 For each image of a request: decode it in the CPU pool (bounded pixel count, JPEG draft mode, no
 more pixels than the embedder and the verifier's thumbnail need), then embed it through the
 micro-batcher (one forward pass for images of concurrent requests, on the embedder's own thread)
-while the CPU pool makes its verifier thumbnail and prepares it for comparison. A lookup asks the
-store for entries of the same namespace + question whose every image reaches the threshold, best
-first, and accepts the first whose stored thumbnails pass the verifier at every position (the
-embedding cannot tell "¥2999" from "¥3999"; the verifier can). Stored thumbnails are kept
-prepared in a small LRU (hot entries skip the SQL read and the preparation), and the answer is
-read while the verifier runs.
+while the CPU pool makes its verifier thumbnail (and, for a look-up, prepares it for
+comparison). A lookup asks the store for entries of the same namespace + question whose every
+image reaches the threshold, best first, and accepts the first whose stored thumbnails pass the
+verifier at every position (the embedding cannot tell "¥2999" from "¥3999"; the verifier can).
+Stored thumbnails are kept prepared in a small LRU (hot entries skip the SQL read and the
+preparation), and the answer is read while the verifier runs.
 
 Everything here can fail (undecodable image, embedder error, saturated queue, time budget
 exceeded): the caller treats a failure as "no semantic answer" and goes upstream.
@@ -55,12 +55,8 @@ class EmbeddedImages:
     """A request's images as the semantic tier sees them, in position order."""
 
     vectors: np.ndarray  # (k, dim) float32, unit rows
-    thumbnails: tuple[Prepared, ...]  # the verifier's thumbnails (``.thumbnail`` is stored)
-
-    @property
-    def thumbnail_bytes(self) -> tuple[bytes, ...]:
-        """The thumbnails as stored with an entry."""
-        return tuple(t.thumbnail for t in self.thumbnails)
+    thumbnails: tuple[bytes, ...]  # the verifier's thumbnails, as stored with an entry
+    prepared: tuple[Prepared, ...] = ()  # the same, ready to compare (for a look-up only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +111,11 @@ class SemanticTier:
         """Images waiting for the embedder."""
         return self._batcher.depth
 
-    async def embed(self, images: Sequence[bytes]) -> EmbeddedImages:
-        """Vectors and thumbnails of ``images``, within the time budget (``TimeoutError``)."""
+    async def embed(self, images: Sequence[bytes], *, for_lookup: bool) -> EmbeddedImages:
+        """Vectors and thumbnails of ``images``, within the time budget (``TimeoutError``);
+        ``for_lookup``: the thumbnails also prepared for the verifier (only a look-up compares
+        them; an answer to store needs their bytes alone)."""
+        make = _prepared_thumbnail if for_lookup else make_thumbnail
         async with asyncio.timeout(self._budget):
             loop = asyncio.get_running_loop()
             decoded = await asyncio.gather(
@@ -124,13 +123,14 @@ class SemanticTier:
             )
             # The thumbnails are made and prepared while the embedder works: off its critical
             # path on a machine with a second core.
-            vectors, thumbnails = await asyncio.gather(
+            vectors, made = await asyncio.gather(
                 asyncio.gather(*(self._batcher.submit(image) for image in decoded)),
-                asyncio.gather(
-                    *(loop.run_in_executor(self._cpu_pool, _thumbnail, i) for i in decoded)
-                ),
+                asyncio.gather(*(loop.run_in_executor(self._cpu_pool, make, i) for i in decoded)),
             )
-        return EmbeddedImages(np.stack(vectors), tuple(thumbnails))
+        if for_lookup:
+            prepared = tuple(made)
+            return EmbeddedImages(np.stack(vectors), tuple(p.thumbnail for p in prepared), prepared)
+        return EmbeddedImages(np.stack(vectors), tuple(made))
 
     def _decode(self, data: bytes) -> Image.Image:
         return decode_picture(data, self._max_pixels)
@@ -148,13 +148,13 @@ class SemanticTier:
                 closest = closest or Closest(candidate.entry_id, candidate.similarity, BELOW)
                 break
             stored = await self._stored(store, candidate.entry_id)
-            if stored is None or len(stored) != len(query.thumbnails):
+            if stored is None or len(stored) != len(query.prepared):
                 continue
             # Read the answer while the verifier works: most candidates that get here pass.
             reading = asyncio.ensure_future(store.answer_by_id(candidate.entry_id))
             try:
                 passed = await asyncio.get_running_loop().run_in_executor(
-                    self._cpu_pool, _verify_all, query.thumbnails, stored
+                    self._cpu_pool, _verify_all, query.prepared, stored
                 )
             except BaseException:
                 _ignore(reading)
@@ -203,7 +203,7 @@ def decode_picture(data: bytes, max_pixels: int) -> Image.Image:
     return decode_image(data, max_pixels=max_pixels, size=EMBED_SIDE, min_area=SOURCE_AREA)
 
 
-def _thumbnail(image: Image.Image) -> Prepared:
+def _prepared_thumbnail(image: Image.Image) -> Prepared:
     return prepare(make_thumbnail(image))
 
 

@@ -295,7 +295,7 @@ class CacheService:
             return None, False
         embedding = time.perf_counter()
         try:
-            embedded = await self._semantic.embed(call.image_data)
+            embedded = await self._semantic.embed(call.image_data, for_lookup=True)
             self._accounting.metrics.embed_seconds.observe(time.perf_counter() - embedding)
             return embedded, False
         except TimeoutError:
@@ -331,7 +331,7 @@ class CacheService:
         assert self._semantic is not None
         for attempt in range(_STORE_EMBED_ATTEMPTS):
             try:
-                return await self._semantic.embed(call.image_data)
+                return await self._semantic.embed(call.image_data, for_lookup=False)
             except (TimeoutError, BatcherSaturated):
                 await asyncio.sleep(_STORE_EMBED_BACKOFF * 2**attempt)
             except ImageDecodeError:
@@ -707,4 +707,4 @@ def _with_vectors(
     """``entry`` with its images' vectors and thumbnails, when they were computed."""
     if embedded is None or embedder_id is None:
         return entry
-    return entry.with_vectors(embedder_id, embedded.vectors, embedded.thumbnail_bytes)
+    return entry.with_vectors(embedder_id, embedded.vectors, embedded.thumbnails)
