@@ -339,6 +339,7 @@ def profile_load(
         run = c.finish_wrk(load, seconds + 60)
     server.check_alive()
     _check(run, f"{server.name} under py-spy")
+    bench.args.profile_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(output, bench.args.profile_dir / f"vlcache-exact-hit-{label}.collapsed")
     return Profiled(label, c.read_profile(output), seconds, run.rate, cores)
 
