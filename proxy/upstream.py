@@ -54,6 +54,7 @@ def create_upstream_session(
     return aiohttp.ClientSession(
         connector=connector,
         timeout=timeout,
+        cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         skip_auto_headers=("Accept-Encoding", "User-Agent"),
     )

@@ -154,3 +154,30 @@ async def test_hop_by_hop_headers_are_not_forwarded(
     sent = {k.lower() for k in fake.calls[-1].headers}
     assert "x-secret-hop" not in sent and "x-trace" in sent
     assert fake.calls[-1].headers["Host"] == f"127.0.0.1:{upstream[1].port}"
+
+
+async def test_upstream_cookies_reach_only_the_caller_that_got_them(
+    proxy: TestServer, upstream: tuple[FakeUpstream, TestServer], client: aiohttp.ClientSession
+) -> None:
+    """The proxy's pooled upstream session keeps no cookies: a ``Set-Cookie`` meant for one
+    caller is relayed to that caller and never sent upstream on anyone else's request."""
+    fake, _ = upstream
+    fake.push(Reply(headers={"Set-Cookie": "session=tenant-a-secret; Path=/"}))
+    first = openai_chat("Whose cookie is this?", data_uri(jpeg_bytes(80)))
+    async with client.post(
+        proxy.make_url("/v1/chat/completions"), json=first, headers=AUTH
+    ) as response:
+        assert response.status == 200
+        assert "tenant-a-secret" in response.headers.get("Set-Cookie", "")
+    other = openai_chat("Another question", data_uri(jpeg_bytes(81)))
+    async with aiohttp.ClientSession() as stranger:
+        async with stranger.post(
+            proxy.make_url("/v1/chat/completions"),
+            json=other,
+            headers={"Authorization": "Bearer sk-other"},
+        ) as response:
+            assert response.status == 200
+        async with stranger.get(proxy.make_url("/v1/models"), headers=AUTH) as response:
+            assert response.status == 200
+    assert len(fake.calls) >= 3
+    assert all("Cookie" not in call.headers for call in fake.calls)
