@@ -88,6 +88,12 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The format names no source line, thread or process: skip finding them for every record
+    # (the logging HOWTO's "Optimization" section; ~15 us per line, a tenth of a hit).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # Alembic announces each of its plugins at INFO; the migration lines themselves stay.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     # The ONNX exporter's passes log dozens of INFO lines per export (one per deduplicated

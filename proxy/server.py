@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,12 @@ from .stats import TierInfo, format_table, stats_document
 
 log = logging.getLogger(__name__)
 
+# glibc's mallopt parameters: blocks below _MMAP_THRESHOLD come from the heap (reused), and the
+# heap's top goes back to the system only once more than _TRIM_THRESHOLD of it is free.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 8 * 2**20
+_TRIM_THRESHOLD = 64 * 2**20
+
 
 def serve(settings: Settings) -> None:
     """Run the proxy until SIGINT/SIGTERM."""
@@ -36,6 +43,7 @@ def serve(settings: Settings) -> None:
         settings.database_url.split("@")[-1],
     )
     # One INFO line per chat request comes from the cache service; the access log would double it.
+    _keep_heap_top()
     app = create_app(settings)
     app.cleanup_ctx.append(_admin_listener(settings))
     app.on_startup.append(_freeze_heap)
@@ -93,6 +101,24 @@ async def _freeze_heap(_app: web.Application) -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def _keep_heap_top() -> None:
+    """Reuse freed memory for the next request instead of returning it to the system at once.
+
+    glibc maps every block over its mmap threshold (128 KB at first) fresh from the system and
+    gives the heap's top back once 128 KB of it is free; either way the next request's body,
+    image or JSON string of a few hundred KB is faulted in and zeroed again, page by page.
+    Measured: aiohttp's parser took 64 us to receive a 200 KB body, 8 us with these thresholds;
+    ``orjson.loads`` of that body is unchanged (it was already reusing its blocks). The cost is
+    resident memory: up to 64 MiB of freed heap is kept. Elsewhere than glibc, nothing is tuned.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+    mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
 
 
 async def rebuild_index(settings: Settings) -> int:
