@@ -31,37 +31,17 @@ _INLINE_HASH_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
-class ParsedCall:
-    """A chat request with its namespace and question fingerprint, its images not yet hashed."""
+class CachedCall:
+    """A chat request with its cache keys and its images' bytes (in position order)."""
 
     chat: ChatRequest
     namespace: str
     fingerprint: str
+    exact_key: str
     image_data: tuple[bytes, ...]
+    image_digests: tuple[str, ...]
     lookup: bool
     store: bool
-
-    def keyed(self) -> CachedCall:
-        """This call with its images' SHA-256 digests and exact key (CPU: ~0.7 ms per MB)."""
-        digests = tuple(image_digest(data) for data in self.image_data)
-        return CachedCall(
-            chat=self.chat,
-            namespace=self.namespace,
-            fingerprint=self.fingerprint,
-            image_data=self.image_data,
-            lookup=self.lookup,
-            store=self.store,
-            exact_key=exact_key(self.namespace, self.fingerprint, digests),
-            image_digests=digests,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class CachedCall(ParsedCall):
-    """A chat request with its cache keys and its images' bytes (in position order)."""
-
-    exact_key: str
-    image_digests: tuple[str, ...]
 
     def entry(
         self,
@@ -136,19 +116,6 @@ class Keyer:
         ``namespace`` replaces the one the headers give (warm-up: logged requests carry no
         credentials, only the namespace they were keyed in or one named on the command line).
         """
-        parsed = await self.parse(headers, body, namespace=namespace)
-        return None if parsed is None else await self.hashed(parsed)
-
-    async def hashed(self, parsed: ParsedCall) -> CachedCall:
-        """``parsed`` with its images hashed (large ones in a worker thread)."""
-        if sum(len(data) for data in parsed.image_data) > _INLINE_HASH_BYTES:
-            return await asyncio.get_running_loop().run_in_executor(None, parsed.keyed)
-        return parsed.keyed()
-
-    async def parse(
-        self, headers: CIMultiDictProxy[str], body: bytes, *, namespace: str | None = None
-    ) -> ParsedCall | None:
-        """``key`` without hashing the images (the part a request's fingerprint needs)."""
         sse = asks_for_stream(headers)
         if len(body) > _INLINE_PARSE_BYTES:
             chat = await asyncio.get_running_loop().run_in_executor(None, self._parse, body, sse)
@@ -163,14 +130,21 @@ class Keyer:
             else:
                 assert source.url is not None  # an ImageSource holds data or a URL
                 images.append(await self._fetcher.fetch(source.url))
+        if sum(len(data) for data in images) > _INLINE_HASH_BYTES:
+            digests = await asyncio.get_running_loop().run_in_executor(None, _digests, images)
+        else:
+            digests = _digests(images)
         if namespace is None:
             namespace = self.namespace(headers)
+        fingerprint = question_fingerprint(chat.format, chat.model, chat.turns, chat.params)
         directives = cache_directives(headers.get("Cache-Control", ""))
-        return ParsedCall(
+        return CachedCall(
             chat=chat,
             namespace=namespace,
-            fingerprint=question_fingerprint(chat.format, chat.model, chat.turns, chat.params),
+            fingerprint=fingerprint,
+            exact_key=exact_key(namespace, fingerprint, digests),
             image_data=tuple(images),
+            image_digests=digests,
             lookup="no-cache" not in directives,
             store="no-store" not in directives,
         )
@@ -230,6 +204,10 @@ def _kept_bytes(item: tuple[bytes | None, CachedCall]) -> int:
 
 def _sha256(body: bytes) -> bytes:
     return hashlib.sha256(body).digest()
+
+
+def _digests(images: list[bytes]) -> tuple[str, ...]:
+    return tuple(image_digest(data) for data in images)
 
 
 def cache_directives(value: str) -> set[str]:

@@ -83,8 +83,7 @@ class Metrics:
         )
         self.lookup_seconds = Histogram(
             "vlcache_lookup_seconds",
-            "Time to look a request up in the cache (exact and semantic tiers); a question no "
-            "entry was ever stored under is not looked up.",
+            "Time to look a request up in the cache (exact and semantic tiers).",
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )

@@ -30,7 +30,7 @@ from store.records import NewEntry, StoredAnswer
 
 from .accounting import Accounting, NearMiss
 from .batcher import BatcherSaturated
-from .calls import CachedCall, Keyer, KnownBodies, ParsedCall, cache_directives
+from .calls import CachedCall, Keyer, KnownBodies, cache_directives
 from .errors import BodyTimeout, BodyTooLarge, ClientGone, ProxyError, Uncacheable
 from .failures import FailureLog
 from .freshness import entry_ttl
@@ -79,8 +79,6 @@ class CacheService:
         self._failures = FailureLog(log)
         self._background: set[asyncio.Task[None]] = set()
         self._inflight: dict[str, asyncio.Future[StoredAnswer | None]] = {}
-        # Novel questions with the upstream right now: (namespace, fingerprint) -> their hashing.
-        self._first_asked: dict[tuple[str, str], asyncio.Future[CachedCall]] = {}
         self._known_bodies = KnownBodies(_KNOWN_BODY_BYTES, _INLINE_BODY)
         # Misses this process claimed for every process on the database: key -> entry stored?
         self._claims: dict[str, bool] = {}
@@ -120,26 +118,15 @@ class CacheService:
             if followed is not None:
                 return followed
         try:
-            parsed = await self._keyer.parse(request.headers, body)
-            if parsed is None:
-                return await self._pass_through(request, body)
-            question = (parsed.namespace, parsed.fingerprint)
-            first = self._first_asked.get(question)
-            if first is not None:
-                # The question is with the upstream for the first time: once its images are
-                # hashed its exact key is known, and an identical request follows it (or finds
-                # its answer, stored meanwhile: look up again).
-                await asyncio.wait([first])
-                looked_up = False
-            elif not self._coalesce_across and not self._store.may_hold_question(*question):
-                return await self._answer_novel(request, body, body_key, parsed)
-            call = await self._keyer.hashed(parsed)
+            call = await self._keyer.key(request.headers, body)
         except Uncacheable as exc:
             log.info("cache=bypass reason=%r path=%s", str(exc), request.path)
             self._accounting.count("bypass", self._keyer.namespace(request.headers), "")
             return await self._pass_through(request, body)
         except Exception:
             self._fail("keying", "keying a chat request failed")
+            return await self._pass_through(request, body)
+        if call is None:
             return await self._pass_through(request, body)
         self._known_bodies.put(body_key, body, call)
         # A known body was looked up above under this very exact key: a miss there is a miss here.
@@ -167,49 +154,6 @@ class CacheService:
             del self._inflight[call.exact_key]
             future.set_result(answer)
             self._settle_claim(call.exact_key)
-
-    async def _answer_novel(
-        self,
-        request: web.Request,
-        body: bytes,
-        body_key: tuple[str, int | bytes],
-        parsed: ParsedCall,
-    ) -> web.StreamResponse:
-        """A question no entry is under: every look-up would miss, so it goes to the upstream at
-        once, its images hashed (for its exact key) by a worker thread meanwhile.
-
-        Requests of the same question that arrive meanwhile wait for the hashes
-        (``_first_asked``), then take the usual way: an identical one follows this one through
-        ``_inflight``.
-        """
-        loop = asyncio.get_running_loop()
-        keyed = loop.run_in_executor(None, parsed.keyed)
-        question = (parsed.namespace, parsed.fingerprint)
-        self._first_asked[question] = keyed
-        future: asyncio.Future[StoredAnswer | None] = loop.create_future()
-
-        def hashed(done: asyncio.Future[CachedCall]) -> None:
-            if future.done() or done.cancelled() or done.exception() is not None:
-                return
-            call = done.result()
-            self._known_bodies.put(body_key, body, call)
-            self._inflight.setdefault(call.exact_key, future)
-
-        keyed.add_done_callback(hashed)
-        answer = None
-        try:
-            response, answer = await self._forward_miss(
-                request, body, parsed, keyed, self._embed_beside(parsed)
-            )
-            return response
-        finally:
-            if self._first_asked.get(question) is keyed:
-                del self._first_asked[question]
-            future.set_result(answer)
-            if keyed.done() and not keyed.cancelled() and keyed.exception() is None:
-                exact = keyed.result().exact_key
-                if self._inflight.get(exact) is future:
-                    del self._inflight[exact]
 
     async def _follow_leader(
         self, request: web.Request, body: bytes, call: CachedCall, started: float
@@ -256,7 +200,7 @@ class CacheService:
                 request, body, call, shared, started, "coalesced", None
             )
             return response, shared
-        return await self._forward_miss(request, body, call, _ready(call), embedding)
+        return await self._forward_miss(request, body, call, embedding)
 
     async def _follow_other_process(self, call: CachedCall) -> StoredAnswer | None:
         """Claim this miss for this process, or wait for the process that holds the claim.
@@ -371,13 +315,13 @@ class CacheService:
             self._fail("embedder", "embedding failed, answering without the semantic tier")
             return None, False
 
-    def _embed_beside(self, call: ParsedCall) -> asyncio.Task[EmbeddedImages | None] | None:
+    def _embed_beside(self, call: CachedCall) -> asyncio.Task[EmbeddedImages | None] | None:
         """Start embedding a novel question's images while the upstream answers."""
         if self._semantic is None or not call.image_data or not call.store:
             return None
         return asyncio.create_task(self._embed_to_store(call))
 
-    async def _embed_to_store(self, call: ParsedCall) -> EmbeddedImages | None:
+    async def _embed_to_store(self, call: CachedCall) -> EmbeddedImages | None:
         """The vectors an entry is stored with; retried while the embedder is busy or slow.
 
         An entry stored without vectors could never be a semantic hit, so a saturated queue or
@@ -488,13 +432,11 @@ class CacheService:
         self,
         request: web.Request,
         body: bytes,
-        call: ParsedCall,
-        keyed: asyncio.Future[CachedCall],
+        call: CachedCall,
         embedding: Embedding,
     ) -> tuple[web.StreamResponse, StoredAnswer | None]:
-        """Ask the upstream; ``keyed`` gives the call's exact key for the entry to store."""
         if call.chat.stream:
-            return await self._forward_stream(request, body, call, keyed, embedding)
+            return await self._forward_stream(request, body, call, embedding)
         started = time.perf_counter()
         try:
             async with self._upstream.open(
@@ -510,9 +452,7 @@ class CacheService:
         out_headers["X-Cache"] = "MISS"
         ttl = entry_ttl(self._settings.ttl, request.headers, out_headers)
         facts = read_answer(call.chat.format, answer_body) if status == 200 else None
-        entry = _cacheable_entry(
-            await self._keyed(keyed), status, out_headers, answer_body, upstream_ms, ttl, facts
-        )
+        entry = _cacheable_entry(call, status, out_headers, answer_body, upstream_ms, ttl, facts)
         self._keep_or_drop(entry, embedding)
         if entry is not None:
             out_headers["X-Cache-Entry"] = str(entry.entry_id)
@@ -540,8 +480,7 @@ class CacheService:
         self,
         request: web.Request,
         body: bytes,
-        call: ParsedCall,
-        keyed: asyncio.Future[CachedCall],
+        call: CachedCall,
         embedding: Embedding,
     ) -> tuple[web.StreamResponse, StoredAnswer | None]:
         """Relay a streamed miss chunk by chunk; store the answer it spelled out if complete."""
@@ -575,9 +514,7 @@ class CacheService:
             facts = read_answer(call.chat.format, answer)
             synthetic: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
             ttl = entry_ttl(self._settings.ttl, request.headers, relayed.response.headers)
-            entry = _cacheable_entry(
-                await self._keyed(keyed), 200, synthetic, answer, upstream_ms, ttl, facts
-            )
+            entry = _cacheable_entry(call, 200, synthetic, answer, upstream_ms, ttl, facts)
             self._record(
                 request, body, call, "MISS", None, upstream_ms, 200, "application/json", answer
             )
@@ -592,17 +529,9 @@ class CacheService:
         )
         return relayed.response, entry.answer() if entry is not None else None
 
-    async def _keyed(self, keyed: asyncio.Future[CachedCall]) -> CachedCall | None:
-        """The hashed call; None (nothing stored) in the unlikely case hashing failed."""
-        try:
-            return await keyed
-        except Exception:
-            self._fail("keying", "hashing a request's images failed: answer not stored")
-            return None
-
     def _upstream_failed(
         self,
-        call: ParsedCall,
+        call: CachedCall,
         exc: ProxyError,
         embedding: Embedding,
     ) -> web.Response:
@@ -626,7 +555,7 @@ class CacheService:
         elif isinstance(embedding, asyncio.Task):
             embedding.cancel()
 
-    def _count_miss(self, call: ParsedCall, upstream_ms: float, facts: AnswerFacts | None) -> None:
+    def _count_miss(self, call: CachedCall, upstream_ms: float, facts: AnswerFacts | None) -> None:
         self._accounting.metrics.upstream_seconds.observe(upstream_ms / 1000)
         self._accounting.count(
             "miss",
@@ -666,7 +595,7 @@ class CacheService:
         self,
         request: web.Request,
         body: bytes,
-        call: ParsedCall,
+        call: CachedCall,
         cache: str,
         match: str | None,
         latency_ms: float,
@@ -756,7 +685,7 @@ def _with_vectors(
 
 
 def _cacheable_entry(
-    call: CachedCall | None,
+    call: CachedCall,
     status: int,
     headers: CIMultiDict[str],
     body: bytes,
@@ -765,7 +694,7 @@ def _cacheable_entry(
     facts: AnswerFacts | None,
 ) -> NewEntry | None:
     """The entry to store, or None when the answer is not cacheable."""
-    if call is None or facts is None or not facts.complete or not call.store:
+    if facts is None or not facts.complete or not call.store:
         return None
     if ttl is not None and ttl <= 0:
         return None
@@ -791,9 +720,3 @@ async def _send(request: web.Request, response: web.Response) -> None:
         await response.write_eof()
     except ConnectionResetError:
         log.info("client went away before its answer path=%s", request.path)
-
-
-def _ready(call: CachedCall) -> asyncio.Future[CachedCall]:
-    keyed: asyncio.Future[CachedCall] = asyncio.get_running_loop().create_future()
-    keyed.set_result(call)
-    return keyed

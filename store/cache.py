@@ -98,8 +98,6 @@ class CacheStore:
         # date by this process's writes and by the sync): a key not in it is a miss without a
         # query. A hash collision only costs the query; ~70 bytes per entry.
         self._known: set[int] | None = None
-        # The same for questions: hashes of (namespace, fingerprint) of every entry SQL may hold.
-        self._known_questions: set[int] = set()
         # False from a failed query to the next good one: while the database is unreachable,
         # look-ups query it anyway, so callers learn it is down (and fail open).
         self._reachable = True
@@ -148,7 +146,7 @@ class CacheStore:
         )
         if store._sqlite_file is not None:
             store._sqlite_identity = await asyncio.to_thread(_file_identity, store._sqlite_file)
-        store._known, store._known_questions = await store._load_known_keys()
+        store._known = await store._load_known_keys()
         store._writer = asyncio.create_task(store._write_forever(), name="vlcache-store-writer")
         return store
 
@@ -204,15 +202,6 @@ class CacheStore:
         row = await self._run(lambda conn: _first(conn, _BY_ID, {"entry_id": entry_id}))
         return None if row is None else StoredAnswer(*row)
 
-    def may_hold_question(self, namespace: str, fingerprint: str) -> bool:
-        """False only when no entry (live or being stored) can be under this question: any
-        look-up of it is a miss, exact or semantic. True while the database is unreachable."""
-        return (
-            not self._reachable
-            or self._known is None
-            or hash((namespace, fingerprint)) in self._known_questions
-        )
-
     def has_similar_group(self, namespace: str, fingerprint: str, images: int) -> bool:
         """True when the semantic tier holds entries for this question and image count."""
         return self._vectors is not None and self._vectors.has_group(namespace, fingerprint, images)
@@ -238,7 +227,7 @@ class CacheStore:
     def hold(self, entry: NewEntry) -> None:
         """Serve ``entry`` from memory (exact tier) before it is added (while it is embedded)."""
         self._memory.put(entry.exact_key, entry.answer())
-        self._know(entry)
+        self._know(entry.exact_key)
 
     def add(self, entry: NewEntry) -> StoredAnswer | None:
         """Make ``entry`` servable now and queue its rows; None if the write queue is full."""
@@ -252,7 +241,7 @@ class CacheStore:
             return None
         answer = entry.answer()
         self._memory.put(entry.exact_key, answer)
-        self._know(entry)
+        self._know(entry.exact_key)
         # Semantic visibility needs the commit (candidates are read back from SQL): an entry with
         # vectors is written at once. Others linger a moment so a burst of misses costs one
         # commit, not one each (the memory tier serves them meanwhile), yet other processes on
@@ -290,7 +279,7 @@ class CacheStore:
 
         added, retired = await self._run(work)
         for entry in added:
-            self._know(entry)
+            self._know(entry.exact_key)
         if self._vectors is not None:
             await self._vectors.add(added)
             await self._vectors.remove(retired)
@@ -402,10 +391,9 @@ class CacheStore:
             await self._vectors.remove(row.id for row in rows)
         return len(rows)
 
-    def _know(self, entry: NewEntry) -> None:
+    def _know(self, exact_key: str) -> None:
         if self._known is not None:
-            self._known.add(hash(entry.exact_key))
-            self._known_questions.add(hash((entry.namespace, entry.fingerprint)))
+            self._known.add(hash(exact_key))
 
     def record(
         self,
@@ -504,23 +492,19 @@ class CacheStore:
         self._sqlite_identity = await asyncio.to_thread(_file_identity, self._sqlite_file)
         self._memory.clear()
         self._known = set()
-        self._known_questions = set()
         if self._vectors is not None:
             await self._vectors.rebuild()
 
-    async def _load_known_keys(self) -> tuple[set[int], set[int]]:
-        """Hashes of the live entries' exact keys and of their (namespace, fingerprint)."""
+    async def _load_known_keys(self) -> set[int]:
         known: set[int] = set()
-        questions: set[int] = set()
         try:
             async with self._engine.connect() as conn:
                 rows = await conn.stream(_LIVE_KEYS.execution_options(yield_per=10_000))
                 async for row in rows:
                     known.add(hash(row.exact_key))
-                    questions.add(hash((row.namespace, row.fingerprint)))
         except (SQLAlchemyError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
-        return known, questions
+        return known
 
     async def sync(self) -> tuple[int, int]:
         """Follow what other processes changed in SQL; returns (entries indexed, withdrawn).
@@ -539,7 +523,6 @@ class CacheStore:
         fresh = await self._run(lambda conn: _all(conn, _CREATED_SINCE, {"since": since}))
         if self._known is not None:
             self._known.update(hash(row.exact_key) for row in fresh)
-            self._known_questions.update(hash((row.namespace, row.fingerprint)) for row in fresh)
         added = 0
         if self._vectors is not None:
             embedded = (row.id for row in fresh if row.image_count)
@@ -680,12 +663,10 @@ _BY_ID = _answer_query().where(Entry.id == bindparam("entry_id"))
 _DELETED_SINCE = select(Entry.id, Entry.exact_key).where(
     Entry.deleted.is_(True), Entry.deleted_at >= bindparam("since")
 )
-_CREATED_SINCE = select(
-    Entry.id, Entry.exact_key, Entry.namespace, Entry.fingerprint, Entry.image_count
-).where(Entry.created_at >= bindparam("since"), Entry.deleted.is_(False))
-_LIVE_KEYS = select(Entry.exact_key, Entry.namespace, Entry.fingerprint).where(
-    Entry.deleted.is_(False)
+_CREATED_SINCE = select(Entry.id, Entry.exact_key, Entry.image_count).where(
+    Entry.created_at >= bindparam("since"), Entry.deleted.is_(False)
 )
+_LIVE_KEYS = select(Entry.exact_key).where(Entry.deleted.is_(False))
 
 
 async def _first(conn: AsyncConnection, query: Any, params: dict[str, Any] | None = None) -> Any:

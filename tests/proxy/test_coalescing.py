@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import aiohttp
 import orjson
-import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.calls import CachedCall, ParsedCall
-from tests.conftest import ProxyFactory, data_uri, jpeg_bytes, openai_chat
+from tests.conftest import data_uri, jpeg_bytes, openai_chat
 from tests.fakes import FakeUpstream, Reply
 
 URL = "/v1/chat/completions"
@@ -53,44 +50,6 @@ async def test_fifty_identical_misses_make_one_upstream_call(
     assert outcomes.count(("HIT", "coalesced")) == 49
     texts = {content(body) for *_, body in results}
     assert len(texts) == 1 and "stand-in" in texts.pop()
-
-
-async def test_a_novel_question_goes_upstream_while_its_images_are_hashed(
-    make_proxy: ProxyFactory,
-    upstream: tuple[FakeUpstream, TestServer],
-    client: aiohttp.ClientSession,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """No entry can be under a question never seen: the upstream is asked at once and the images
-    are hashed beside it; the entry stored is then an exact hit. A question with entries is
-    looked up first, so its images are hashed before the upstream hears of it."""
-    fake, _ = upstream
-    proxy = await make_proxy()
-    release = threading.Event()
-    hashed_with_upstream_calls: list[int] = []
-    keyed = ParsedCall.keyed
-
-    def held_back(self: ParsedCall) -> CachedCall:
-        hashed_with_upstream_calls.append(len(fake.chat_calls))
-        assert release.wait(10), "the test never released the hash"
-        return keyed(self)
-
-    monkeypatch.setattr(ParsedCall, "keyed", held_back)
-    novel = openai_chat("What is on this label?", data_uri(jpeg_bytes(70)))
-    asked = asyncio.create_task(post(client, proxy, novel))
-    for _ in range(500):  # the upstream gets it while the hash is still held back
-        if fake.chat_calls:
-            break
-        await asyncio.sleep(0.01)
-    assert len(fake.chat_calls) == 1 and not asked.done()
-    release.set()
-    assert (await asked)[:2] == (200, "MISS")
-    assert (await post(client, proxy, novel))[1:3] == ("HIT", "exact")
-    # Same question, another picture: looked up (a miss), hashed before the upstream call.
-    other = openai_chat("What is on this label?", data_uri(jpeg_bytes(71)))
-    assert (await post(client, proxy, other))[1] == "MISS"
-    assert hashed_with_upstream_calls == [0, 1] and len(fake.chat_calls) == 2
-    assert (await post(client, proxy, other))[1:3] == ("HIT", "exact")
 
 
 async def test_followers_ask_themselves_when_the_leader_fails(

@@ -11,7 +11,6 @@ from store.cache import CacheStore, new_entry_id
 from store.memory import MemoryAnswers
 from store.models import Entry, EntryImage, LedgerRow
 from store.records import NewEntry, NewImage
-from store.reports import EntryFilter
 
 
 def _entry(key: str, body: bytes = b'{"answer": 1}', **overrides: object) -> NewEntry:
@@ -63,41 +62,6 @@ async def test_entries_survive_a_restart_and_newest_wins(db_url: str) -> None:
             (first.entry_id, 0, 1234),
             (newer.entry_id, 0, 1234),
         }
-    finally:
-        await store.close()
-
-
-async def test_questions_with_entries_are_known_across_restarts_and_processes(
-    db_url: str,
-) -> None:
-    """``may_hold_question`` is False only for a question no entry was ever stored under."""
-    store = await CacheStore.open(db_url, flush_interval=60)
-    other = await CacheStore.open(db_url, flush_interval=60)
-    try:
-        question = ("key:abc", "f" * 64)
-        assert not store.may_hold_question(*question)
-        store.add(_entry("k1"))
-        assert store.may_hold_question(*question)  # before any commit
-        assert not store.may_hold_question("key:other", "f" * 64)
-        assert not store.may_hold_question("key:abc", "e" * 64)
-        assert not other.may_hold_question(*question)
-        await store.flush()
-        await other.sync()  # another process learns it from SQL
-        assert other.may_hold_question(*question)
-        await store.purge(
-            EntryFilter(namespace="key:abc")
-        )  # deleting never makes a question unknown
-        assert store.may_hold_question(*question)
-    finally:
-        await store.close()
-        await other.close()
-    store = await CacheStore.open(db_url, flush_interval=60)
-    try:
-        assert not store.may_hold_question(*question)  # purged before the restart: no entry left
-        store.add(_entry("k2"))
-        await store.close()
-        store = await CacheStore.open(db_url, flush_interval=60)
-        assert store.may_hold_question(*question)  # loaded at start
     finally:
         await store.close()
 
