@@ -104,6 +104,8 @@ def evaluate(cache: Path, negatives: int) -> tuple[list[dict[str, Any]], str]:
         f"{len(manifest['references'])} distinct pictures, {len(records)} pairs "
         f"({negatives} sampled distinct negatives). THRESHOLD={verifier.THRESHOLD}, "
         f"NOISE_MAX={verifier.NOISE_MAX}, NOISE_MAX_RELATIVE={verifier.NOISE_MAX_RELATIVE}, "
+        f"NOISE_BAND_MAX={verifier.NOISE_BAND_MAX}, "
+        f"NOISE_BAND_RELATIVE={verifier.NOISE_BAND_RELATIVE}, "
         f"THUMB_AREA={verifier.THUMB_AREA}; pictures decoded "
         "with proxy.semantic.decode_picture as the proxy does.",
         "",
@@ -138,8 +140,7 @@ def _tuning_hint(records: list[dict[str, Any]]) -> str:
     def score(r: dict[str, Any]) -> float:
         if r["worst"] is None:
             return float("inf")
-        relative = verifier.NOISE_MAX_RELATIVE * (float(r["contrast"]) + 1.0)
-        if r["noise"] >= verifier.NOISE_MAX and r["noise"] >= relative:
+        if verifier.differs_throughout(float(r["noise"]), float(r["contrast"])):
             return float("inf")
         return float(r["worst"]) / (float(r["noise"]) + verifier.NOISE_FLOOR)
 

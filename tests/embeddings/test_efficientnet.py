@@ -153,7 +153,7 @@ def test_reencoded_copy_scores_high_and_different_pictures_lower(
     same, different = float(vectors[0] @ vectors[1]), float(vectors[0] @ vectors[2])
     assert same > 0.95
     assert different < same - 0.1
-    # Not `different < default_threshold`: the threshold (0.70, calibrated on real photos) is a
+    # Not `different < default_threshold`: the threshold (0.60, calibrated on real photos) is a
     # recall gate; look-alike pictures above it are the verifier's to reject (tests/proxy).
 
 

@@ -150,3 +150,14 @@ def test_a_prepared_thumbnail_can_be_kept_and_reused(stored: bytes) -> None:
     assert [verifier.verify_prepared(verifier.prepare(q), kept).passed for q in queries] == [
         True
     ] * len(BENIGN) + [False]
+
+
+def test_edges_that_disagree_everywhere_mean_another_picture_unless_moderately() -> None:
+    """The decision rule's middle line: quiet edges, or edges whose disagreement is a small part
+    of their contrast, are the same picture; loud disagreement is another one; the band between
+    (moderate noise, still a fifth of the contrast at most) is a copy with several edits."""
+    assert not verifier.differs_throughout(noise=11.9, contrast=20.0)  # quiet
+    assert not verifier.differs_throughout(noise=30.0, contrast=250.0)  # 0.12 of the contrast
+    assert not verifier.differs_throughout(noise=15.0, contrast=90.0)  # in the band: 0.16
+    assert verifier.differs_throughout(noise=15.0, contrast=50.0)  # 0.29 of the contrast
+    assert verifier.differs_throughout(noise=23.0, contrast=137.0)  # 0.17 but past the band
