@@ -42,8 +42,8 @@ def serve(settings: Settings) -> None:
         settings.upstream,
         settings.database_url.split("@")[-1],
     )
+    _reuse_freed_memory()
     # One INFO line per chat request comes from the cache service; the access log would double it.
-    _keep_heap_top()
     app = create_app(settings)
     app.cleanup_ctx.append(_admin_listener(settings))
     app.on_startup.append(_freeze_heap)
@@ -103,7 +103,7 @@ async def _freeze_heap(_app: web.Application) -> None:
     gc.freeze()
 
 
-def _keep_heap_top() -> None:
+def _reuse_freed_memory() -> None:
     """Reuse freed memory for the next request instead of returning it to the system at once.
 
     glibc maps every block over its mmap threshold (128 KB at first) fresh from the system and
