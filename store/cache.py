@@ -16,7 +16,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 from sqlalchemy import bindparam, insert, select, update
@@ -55,6 +55,16 @@ def new_entry_id() -> int:
     return (millis << _RANDOM_BITS) | secrets.randbits(_RANDOM_BITS)
 
 
+class Synced(NamedTuple):
+    """What one sync found written elsewhere."""
+
+    created: (
+        int  # live rows read: other processes' in the look-back (ours too after a failed write)
+    )
+    indexed: int  # of those, entries added to the vector index
+    withdrawn: int  # entries deleted elsewhere, dropped from the index and the memory tier
+
+
 class CacheStore:
     """Async facade over one database: exact lookups, new entries, hit and ledger counters."""
 
@@ -90,6 +100,9 @@ class CacheStore:
         self._tick = min(flush_interval, sync_interval)
         self._last_sync = time.monotonic()
         self._synced_to = time.time()
+        # When a write of ours last failed: its transaction may have committed all the same, so
+        # syncs read our own rows too while that moment is inside their look-back.
+        self._doubtful_write = 0.0
         self._vectors = vectors
         self._snapshot_interval = snapshot_interval
         self._last_snapshot = time.monotonic()
@@ -275,9 +288,13 @@ class CacheStore:
                 if entry.exact_key not in taken:
                     taken.add(entry.exact_key)
                     fresh.append(entry)
-            return fresh, await _insert_entries(conn, fresh)
+            return fresh, await _insert_entries(conn, fresh, self.owner)
 
-        added, retired = await self._run(work)
+        try:
+            added, retired = await self._run(work)
+        except StoreUnavailable:
+            self._doubtful_write = time.time()
+            raise
         for entry in added:
             self._know(entry.exact_key)
         if self._vectors is not None:
@@ -506,12 +523,14 @@ class CacheStore:
             raise StoreUnavailable(str(exc)) from exc
         return known
 
-    async def sync(self) -> tuple[int, int]:
-        """Follow what other processes changed in SQL; returns (entries indexed, withdrawn).
+    async def sync(self) -> Synced:
+        """Follow what other processes changed in SQL.
 
         Entries written elsewhere (warm-up, other replicas) join the index; entries deleted
         elsewhere leave it and the memory tier. Looks back ``SYNC_SLACK`` seconds past the
-        previous sync, for rows committed after the moment they were stamped with.
+        previous sync, for rows committed after the moment they were stamped with. Rows this
+        process wrote are skipped (it indexed them when it wrote them): a busy process would
+        otherwise read each of its own rows again at every sync of that half minute.
         """
         started = time.time()
         since = self._synced_to - SYNC_SLACK
@@ -520,7 +539,11 @@ class CacheStore:
             held = self._memory.get(row.exact_key)
             if held is not None and held.entry_id == row.id:
                 self._memory.discard(row.exact_key)
-        fresh = await self._run(lambda conn: _all(conn, _CREATED_SINCE, {"since": since}))
+        if self._doubtful_write >= since:
+            fresh = await self._run(lambda conn: _all(conn, _CREATED_SINCE, {"since": since}))
+        else:
+            mine = {"since": since, "me": self.owner}
+            fresh = await self._run(lambda conn: _all(conn, _CREATED_ELSEWHERE_SINCE, mine))
         if self._known is not None:
             self._known.update(hash(row.exact_key) for row in fresh)
         added = 0
@@ -529,7 +552,7 @@ class CacheStore:
             added = await self._vectors.add_from_sql(self._vectors.missing(embedded))
             await self._vectors.remove(row.id for row in gone)
         self._synced_to = started
-        return added, len(gone)
+        return Synced(len(fresh), added, len(gone))
 
     async def _renew_claims_if_due(self) -> None:
         if not self._claimed or time.monotonic() - self._last_renewal < self._claim_lease / 3:
@@ -543,9 +566,13 @@ class CacheStore:
         if time.monotonic() - self._last_sync < self._sync_interval:
             return
         self._last_sync = time.monotonic()
-        added, withdrawn = await self.sync()
-        if added or withdrawn:
-            log.info("sync: %d entries indexed, %d withdrawn (written elsewhere)", added, withdrawn)
+        synced = await self.sync()
+        if synced.indexed or synced.withdrawn:
+            log.info(
+                "sync: %d entries indexed, %d withdrawn (written elsewhere)",
+                synced.indexed,
+                synced.withdrawn,
+            )
 
     async def maintain(self) -> MaintenanceReport:
         """Expire, evict over the size budget (least recently hit first), vacuum old tombstones.
@@ -599,7 +626,7 @@ class CacheStore:
             async def write(
                 conn: AsyncConnection, chunk: list[NewEntry] = chunk, settled: list[str] = settled
             ) -> list[int]:
-                retired = await _insert_entries(conn, chunk)
+                retired = await _insert_entries(conn, chunk, self.owner)
                 if settled:
                     await claims.drop(conn, settled, self.owner)
                 return retired
@@ -608,7 +635,9 @@ class CacheStore:
                 retired = await self._run(write)
             except StoreUnavailable:
                 # The answers were only ever promised by the memory tier: withdraw them, so
-                # nothing is served that SQL does not hold once this process restarts.
+                # nothing is served that SQL does not hold once this process restarts. If the
+                # commit landed after all, the sync finds them.
+                self._doubtful_write = time.time()
                 for entry in chunk:
                     self._memory.discard(entry.exact_key)
                 raise
@@ -666,6 +695,8 @@ _DELETED_SINCE = select(Entry.id, Entry.exact_key).where(
 _CREATED_SINCE = select(Entry.id, Entry.exact_key, Entry.image_count).where(
     Entry.created_at >= bindparam("since"), Entry.deleted.is_(False)
 )
+# The same, less the rows this process wrote (it knows them already).
+_CREATED_ELSEWHERE_SINCE = _CREATED_SINCE.where(Entry.origin.is_distinct_from(bindparam("me")))
 _LIVE_KEYS = select(Entry.exact_key).where(Entry.deleted.is_(False))
 
 
@@ -679,11 +710,11 @@ async def _all(
     return list((await conn.execute(query, params)).all())
 
 
-async def _insert_entries(conn: AsyncConnection, batch: list[NewEntry]) -> list[int]:
-    """Insert ``batch``; returns the ids of older entries it retired."""
+async def _insert_entries(conn: AsyncConnection, batch: list[NewEntry], origin: str) -> list[int]:
+    """Insert ``batch`` as written by ``origin``; returns the ids of older entries it retired."""
     if not batch:
         return []
-    await conn.execute(insert(Entry), [e.entry_row() for e in batch])
+    await conn.execute(insert(Entry), [e.entry_row(origin) for e in batch])
     images = [row for e in batch for row in e.image_rows()]
     if images:
         await conn.execute(insert(EntryImage), images)

@@ -63,6 +63,8 @@ class Entry(Base):
     last_hit_at: Mapped[float | None] = mapped_column(Double)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     deleted_at: Mapped[float | None] = mapped_column(Double)
+    # The writing process (``CacheStore.owner``): a process's sync skips the rows it wrote.
+    origin: Mapped[str | None] = mapped_column(String(32))
 
     __table_args__ = (
         Index("ix_entries_exact_key", "exact_key"),

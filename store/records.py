@@ -97,8 +97,8 @@ class NewEntry:
             expires_at=self.expires_at,
         )
 
-    def entry_row(self) -> dict[str, Any]:
-        """Column values of the ``entries`` row."""
+    def entry_row(self, origin: str) -> dict[str, Any]:
+        """Column values of the ``entries`` row, written by the process ``origin``."""
         return {
             "id": self.entry_id,
             "namespace": self.namespace,
@@ -123,6 +123,7 @@ class NewEntry:
             "last_hit_at": None,
             "deleted": False,
             "deleted_at": None,
+            "origin": origin,
         }
 
     def image_rows(self) -> list[dict[str, Any]]:

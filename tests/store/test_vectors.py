@@ -8,8 +8,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
+from sqlalchemy import insert
 
-from store.cache import CacheStore, new_entry_id
+from store.cache import CacheStore, Synced, new_entry_id
+from store.errors import StoreUnavailable
+from store.models import Entry, EntryImage
 from store.records import NewEntry, NewImage
 from store.reports import EntryFilter
 from store.vectors import IndexConfig
@@ -144,3 +148,42 @@ async def test_a_running_store_follows_entries_and_deletions_made_elsewhere(
     finally:
         await other.close()
         await running.close()
+
+
+async def test_a_store_reads_back_only_rows_it_did_not_write_unless_a_write_failed(
+    db_url: str, tmp_path: Path
+) -> None:
+    mine = await CacheStore.open(
+        db_url, flush_interval=60, sync_interval=3600, index=config(tmp_path)
+    )
+    other = await CacheStore.open(db_url, flush_interval=60)
+    try:
+        for seed in range(5):
+            mine.add(entry(seed))
+        await mine.flush()
+        await other.import_entries([entry(10)])
+        # Its own five rows are not read again (it indexed them as it wrote them).
+        assert await mine.sync() == Synced(created=1, indexed=1, withdrawn=0)
+
+        # A row of ours that SQL holds although we never learned it: the commit landed and
+        # the connection broke before its answer came back.
+        landed = entry(11)
+        async with other._engine.begin() as conn:
+            await conn.execute(insert(Entry), [landed.entry_row(mine.owner)])
+            await conn.execute(insert(EntryImage), landed.image_rows())
+        # (The other process's row is still in the look-back: read again, indexed already.)
+        assert await mine.sync() == Synced(created=1, indexed=0, withdrawn=0)
+        assert await mine.find_similar("key:tenant", "q1", vector(11)[None, :], 0.99) == []
+
+        # Our write of it fails (its id is taken), so the process doubts its own writes and
+        # reads its rows of the look-back as well: the landed one joins the index.
+        mine.add(landed)
+        with pytest.raises(StoreUnavailable):
+            await mine.flush()
+        assert await mine.sync() == Synced(created=7, indexed=1, withdrawn=0)
+        found = await mine.find_similar("key:tenant", "q1", vector(11)[None, :], 0.99)
+        assert [c.entry_id for c in found] == [landed.entry_id]
+        assert await mine.find_exact(landed.exact_key) is not None
+    finally:
+        await other.close()
+        await mine.close()
