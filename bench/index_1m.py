@@ -3,7 +3,8 @@
 Run from the repo root: ``/work/venv/bin/python bench/index_1m.py`` (about 5-10 minutes, ~10 GB
 of RAM at the peak, a ~2.3 GB snapshot in the temp directory, removed at the end).
 
-Builds ``store.index.VectorIndex("bench/random-512", 512)`` (default ``approx_rows`` 16384) with
+Builds ``store.index.VectorIndex("bench/random-512", 512)`` (``approx_rows`` as `vlcache serve`'s
+``--index-approx-rows`` default) with
 ``--entries`` random unit float32 vectors, one image per entry, added one at a time through
 ``VectorIndex.add`` (as the store does) in a shuffled order, spread over groups (namespace,
 fingerprint) with a skew: a few large groups (HNSW), some medium ones (FAISS flat), many small
@@ -39,16 +40,23 @@ for _path in (str(REPO_ROOT), str(BENCH_DIR)):
 import _common as c  # noqa: E402
 import faiss  # noqa: E402
 
+from proxy.settings import Settings  # noqa: E402
 from store.index import FLAT_FAISS_ROWS, VectorIndex  # noqa: E402
 
 TITLE = "FAISS index at 1M vectors (issue 3)"
 DIM = 512
-APPROX_ROWS = 16384
+# Where a group's index turns approximate (HNSW): what `vlcache serve` does by default.
+APPROX_ROWS: int = Settings.model_fields["index_approx_rows"].default
 THRESHOLD = 0.95
 NOISE = 0.15  # |noise| relative to the unit vector: cosine ~0.989 with the stored vector
 STARTUP_TARGET_S = 30.0
 SEARCH_P99_TARGET_MS = 2.0
-TIERS = ("singleton", "small (2-255, numpy)", "medium (256-16383, FAISS flat)", "large (HNSW)")
+TIERS = (
+    "singleton",
+    f"small (2-{FLAT_FAISS_ROWS - 1}, numpy)",
+    f"medium ({FLAT_FAISS_ROWS}-{APPROX_ROWS - 1}, FAISS flat)",
+    "large (HNSW)",
+)
 
 
 def rss_bytes() -> int:
@@ -111,7 +119,7 @@ from pathlib import Path
 import faiss  # imported before the clock: the server imports it long before loading
 from store.index import VectorIndex
 started = time.perf_counter()
-index, watermark = VectorIndex.load(Path({path!r}), "bench/random-512", 512, approx_rows=16384)
+index, watermark = VectorIndex.load(Path({path!r}), "bench/random-512", 512, approx_rows={approx})
 took = time.perf_counter() - started
 rss = [int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmRSS:")][0]
 print(f"{{took:.3f}} {{len(index)}} {{rss * 1024}}")
@@ -133,7 +141,7 @@ class Eager:
         return self._arrays[name]
 
 started = time.perf_counter()
-index = VectorIndex("bench/random-512", 512, approx_rows=16384)
+index = VectorIndex("bench/random-512", 512, approx_rows={approx})
 with np.load({path!r}, allow_pickle=False) as data:
     index._restore(Eager(data))
 took = time.perf_counter() - started
@@ -265,11 +273,13 @@ def main(argv: list[str] | None = None) -> None:
         access = npz_access_cost(snapshot)
         with c.timed(f"VectorIndex.load in a fresh process (limit {args.load_timeout:.0f} s)"):
             loaded = run_loader(
-                LOAD_CODE.format(root=str(REPO_ROOT), path=str(snapshot)), args.load_timeout
+                LOAD_CODE.format(root=str(REPO_ROOT), path=str(snapshot), approx=APPROX_ROWS),
+                args.load_timeout,
             )
         with c.timed("the same snapshot read once per array (a fix, not product code)"):
             eager = run_loader(
-                EAGER_CODE.format(root=str(REPO_ROOT), path=str(snapshot)), args.load_timeout * 4
+                EAGER_CODE.format(root=str(REPO_ROOT), path=str(snapshot), approx=APPROX_ROWS),
+                args.load_timeout * 4,
             )
     finally:
         for leftover in work.iterdir():
