@@ -48,6 +48,7 @@ __all__ = [
     "PRECISIONS",
     "RUNTIMES",
     "Embedder",
+    "ImageEmbedderBase",
     "TorchImageEmbedder",
     "cpu_has_native_bf16",
     "load_embedder",
@@ -92,7 +93,42 @@ class Embedder(Protocol):
         ...
 
 
-class TorchImageEmbedder:
+class ImageEmbedderBase:
+    """What both runtimes' embedders state the same way: identity, size, threshold, transform."""
+
+    def __init__(
+        self, *, id: str, dim: int, default_threshold: float, preprocess: Preprocess
+    ) -> None:
+        self._id = id
+        self._dim = dim
+        self._default_threshold = default_threshold
+        self._preprocess = preprocess
+
+    @property
+    def id(self) -> str:
+        """Identity of model + weights (shared by both runtimes: their vectors are the same)."""
+        return self._id
+
+    @property
+    def dim(self) -> int:
+        """Length of each embedding vector."""
+        return self._dim
+
+    @property
+    def default_threshold(self) -> float:
+        """Cosine similarity at or above which two images count as the same."""
+        return self._default_threshold
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """The per-image transform: RGB picture -> (3, H, W) float tensor."""
+        return self._preprocess
+
+    def _empty(self) -> npt.NDArray[np.float32]:
+        return np.empty((0, self._dim), dtype=np.float32)
+
+
+class TorchImageEmbedder(ImageEmbedderBase):
     """An `Embedder` backed by a torch image model and its per-image preprocessing.
 
     The whole batch goes through the model in one forward pass under `torch.inference_mode`; the
@@ -110,27 +146,9 @@ class TorchImageEmbedder:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         """Wrap `model` (moved to `dtype`, frozen, put in eval mode) and its `preprocess`."""
-        self._id = id
-        self._dim = dim
-        self._default_threshold = default_threshold
+        super().__init__(id=id, dim=dim, default_threshold=default_threshold, preprocess=preprocess)
         self._dtype = dtype
-        self._preprocess = preprocess
         self._model = model.to(dtype).eval().requires_grad_(False)
-
-    @property
-    def id(self) -> str:
-        """Identity of model + weights; never mix vectors of two ids."""
-        return self._id
-
-    @property
-    def dim(self) -> int:
-        """Length of each embedding vector."""
-        return self._dim
-
-    @property
-    def default_threshold(self) -> float:
-        """Cosine similarity at or above which two images count as the same."""
-        return self._default_threshold
 
     @property
     def precision(self) -> str:
@@ -147,15 +165,10 @@ class TorchImageEmbedder:
         """The frozen torch module (eval mode, no gradients), e.g. for an ONNX export."""
         return self._model
 
-    @property
-    def preprocess(self) -> Preprocess:
-        """The per-image transform: RGB picture -> (3, H, W) float tensor."""
-        return self._preprocess
-
     def embed(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
         """Embed a batch of images in one forward pass; rows are L2-normalised float32."""
         if not images:
-            return np.empty((0, self._dim), dtype=np.float32)
+            return self._empty()
         # Denormal floats make x86 arithmetic 10-100x slower, and some pictures drive these models
         # into them: EfficientNet-Lite0 measured 23 ms one call and 560 ms the next on the same
         # photo. Flushing them to zero changes no embedding measurably. The flag is per thread

@@ -75,6 +75,7 @@ import torch
 from PIL import Image
 
 from embeddings.embedder import (
+    ImageEmbedderBase,
     Preprocess,
     TorchImageEmbedder,
     normalise,
@@ -113,7 +114,7 @@ _WAYS_OUT: Final = (
 )
 
 
-class OnnxImageEmbedder:
+class OnnxImageEmbedder(ImageEmbedderBase):
     """An `Embedder` whose model runs in an ONNX Runtime session (fp32, CPU).
 
     The whole batch goes through the session in one run; rows come back L2-normalised float32,
@@ -131,27 +132,9 @@ class OnnxImageEmbedder:
         threads: int,
     ) -> None:
         """Wrap an `onnxruntime.InferenceSession` of the model and the model's `preprocess`."""
-        self._id = id
-        self._dim = dim
-        self._default_threshold = default_threshold
+        super().__init__(id=id, dim=dim, default_threshold=default_threshold, preprocess=preprocess)
         self._session = session
-        self._preprocess = preprocess
         self._threads = threads
-
-    @property
-    def id(self) -> str:
-        """Identity of model + weights; the torch runtime's, since the vectors are the same."""
-        return self._id
-
-    @property
-    def dim(self) -> int:
-        """Length of each embedding vector."""
-        return self._dim
-
-    @property
-    def default_threshold(self) -> float:
-        """Cosine similarity at or above which two images count as the same."""
-        return self._default_threshold
 
     @property
     def precision(self) -> str:
@@ -168,15 +151,10 @@ class OnnxImageEmbedder:
         """ONNX Runtime intra-op threads."""
         return self._threads
 
-    @property
-    def preprocess(self) -> Preprocess:
-        """The per-image transform (the torch embedder's): RGB picture -> (3, H, W) tensor."""
-        return self._preprocess
-
     def embed(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
         """Embed a batch of images in one session run; rows are L2-normalised float32."""
         if not images:
-            return np.empty((0, self._dim), dtype=np.float32)
+            return self._empty()
         batch = pixel_batch(self._preprocess, images).numpy()
         try:
             (features,) = self._session.run([_OUTPUT], {_INPUT: batch})
