@@ -45,8 +45,13 @@ _MAX_PENDING_WRITES = 10_000
 _WRITE_LINGER = 0.1  # seconds a new entry waits for others to share its commit
 _CLAIM_POLL = 0.05  # seconds between a follower's looks for the claimed answer
 # How far a sync looks back past the previous one: rows are stamped when answered and committed
-# up to a few seconds later (embedding, write batching); clocks of other hosts may differ a little.
+# up to a few seconds later (embedding within --embed-timeout, write batching), and the clocks of
+# other hosts may differ a little. Most syncs look back SYNC_RECENT; one every SYNC_FULL_EVERY
+# seconds looks back SYNC_SLACK, for rows later or more skewed than that. A row written elsewhere
+# is read ~(SYNC_RECENT + interval) / interval + SYNC_SLACK / SYNC_FULL_EVERY times, not ~60.
 SYNC_SLACK = 30.0
+SYNC_RECENT = 5.0
+SYNC_FULL_EVERY = 15.0
 
 
 def new_entry_id() -> int:
@@ -99,6 +104,7 @@ class CacheStore:
         # The writer wakes at least this often: counters are flushed and the sync runs on time.
         self._tick = min(flush_interval, sync_interval)
         self._last_sync = time.monotonic()
+        self._last_full_sync = -SYNC_FULL_EVERY  # the first sync looks back all the way
         self._synced_to = time.time()
         # When a write of ours last failed: its transaction may have committed all the same, so
         # syncs read our own rows too while that moment is inside their look-back.
@@ -527,13 +533,15 @@ class CacheStore:
         """Follow what other processes changed in SQL.
 
         Entries written elsewhere (warm-up, other replicas) join the index; entries deleted
-        elsewhere leave it and the memory tier. Looks back ``SYNC_SLACK`` seconds past the
-        previous sync, for rows committed after the moment they were stamped with. Rows this
+        elsewhere leave it and the memory tier. Looks back ``SYNC_RECENT`` seconds past the
+        previous sync (``SYNC_SLACK`` every ``SYNC_FULL_EVERY`` seconds), for rows committed after
+        the moment they were stamped with. Rows this
         process wrote are skipped (it indexed them when it wrote them): a busy process would
         otherwise read each of its own rows again at every sync of that half minute.
         """
         started = time.time()
-        since = self._synced_to - SYNC_SLACK
+        full = time.monotonic() - self._last_full_sync >= SYNC_FULL_EVERY
+        since = self._synced_to - (SYNC_SLACK if full else SYNC_RECENT)
         gone = await self._run(lambda conn: _all(conn, _DELETED_SINCE, {"since": since}))
         for row in gone:
             held = self._memory.get(row.exact_key)
@@ -552,6 +560,8 @@ class CacheStore:
             added = await self._vectors.add_from_sql(self._vectors.missing(embedded))
             await self._vectors.remove(row.id for row in gone)
         self._synced_to = started
+        if full:
+            self._last_full_sync = time.monotonic()
         return Synced(len(fresh), added, len(gone))
 
     async def _renew_claims_if_due(self) -> None:

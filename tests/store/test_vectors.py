@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from sqlalchemy import insert
 
+from store import cache
 from store.cache import CacheStore, Synced, new_entry_id
 from store.errors import StoreUnavailable
 from store.models import Entry, EntryImage
@@ -27,7 +28,9 @@ def vector(seed: int) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def entry(seed: int, *, fingerprint: str = "q1", key: str | None = None) -> NewEntry:
+def entry(
+    seed: int, *, fingerprint: str = "q1", key: str | None = None, age: float = 0.0
+) -> NewEntry:
     image = NewImage(0, f"{seed:064d}", 100, EMBEDDER, vector(seed).tobytes(), b"thumb%d" % seed)
     return NewEntry(
         entry_id=new_entry_id(),
@@ -44,7 +47,7 @@ def entry(seed: int, *, fingerprint: str = "q1", key: str | None = None) -> NewE
         prompt_tokens=10,
         completion_tokens=5,
         upstream_ms=800.0,
-        created_at=time.time(),
+        created_at=time.time() - age,
     )
 
 
@@ -184,6 +187,30 @@ async def test_a_store_reads_back_only_rows_it_did_not_write_unless_a_write_fail
         found = await mine.find_similar("key:tenant", "q1", vector(11)[None, :], 0.99)
         assert [c.entry_id for c in found] == [landed.entry_id]
         assert await mine.find_exact(landed.exact_key) is not None
+    finally:
+        await other.close()
+        await mine.close()
+
+
+async def test_a_row_committed_long_after_its_stamp_is_found_by_the_full_look_back(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mine = await CacheStore.open(
+        db_url, flush_interval=60, sync_interval=3600, index=config(tmp_path)
+    )
+    other = await CacheStore.open(db_url, flush_interval=60)
+    try:
+        assert await mine.sync() == Synced(created=0, indexed=0, withdrawn=0)  # a full one
+        # Stamped 20 s before its commit (a long embedding, or a clock running behind).
+        late = entry(30, age=20.0)
+        await other.import_entries([late])
+        # Most syncs look back SYNC_RECENT (5 s) past the last one: not that far.
+        assert await mine.sync() == Synced(created=0, indexed=0, withdrawn=0)
+        # One every SYNC_FULL_EVERY seconds looks back SYNC_SLACK (30 s).
+        monkeypatch.setattr(cache, "SYNC_FULL_EVERY", 0.0)
+        assert await mine.sync() == Synced(created=1, indexed=1, withdrawn=0)
+        found = await mine.find_similar("key:tenant", "q1", vector(30)[None, :], 0.99)
+        assert [c.entry_id for c in found] == [late.entry_id]
     finally:
         await other.close()
         await mine.close()
