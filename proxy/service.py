@@ -15,8 +15,10 @@ nothing. The cache fails open: an error of the store, the embedder or the keying
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import TypeAlias
 
 import orjson
@@ -33,6 +35,7 @@ from .batcher import BatcherSaturated
 from .calls import CachedCall, Keyer, KnownBodies, cache_directives
 from .errors import BodyTimeout, BodyTooLarge, ClientGone, ProxyError, Uncacheable
 from .failures import FailureLog
+from .fanout import Flight, StreamFanout, stream_shape
 from .freshness import entry_ttl
 from .native_sse import NativeStreamAssembler, incremental_output, native_frames
 from .protocol import AnswerFacts, read_answer
@@ -78,7 +81,7 @@ class CacheService:
         self._semantic = semantic
         self._failures = FailureLog(log)
         self._background: set[asyncio.Task[None]] = set()
-        self._inflight: dict[str, asyncio.Future[StoredAnswer | None]] = {}
+        self._inflight: dict[str, Flight] = {}
         self._known_bodies = KnownBodies(_KNOWN_BODY_BYTES, _INLINE_BODY)
         # Misses this process claimed for every process on the database: key -> entry stored?
         self._claims: dict[str, bool] = {}
@@ -144,34 +147,49 @@ class CacheService:
                 return response
             finally:
                 self._settle_claim(call.exact_key)
-        future: asyncio.Future[StoredAnswer | None] = asyncio.get_running_loop().create_future()
-        self._inflight[call.exact_key] = future
+        flight = Flight()
+        self._inflight[call.exact_key] = flight
         answer = None
         try:
-            response, answer = await self._answer_miss(request, body, call, started)
+            response, answer = await self._answer_miss(request, body, call, started, flight)
             return response
         finally:
             del self._inflight[call.exact_key]
-            future.set_result(answer)
+            flight.land(answer)
             self._settle_claim(call.exact_key)
 
     async def _follow_leader(
         self, request: web.Request, body: bytes, call: CachedCall, started: float
     ) -> web.StreamResponse | None:
-        """The answer of an identical request already with the model, when it can be shared."""
-        leader = self._inflight.get(call.exact_key)
-        if leader is None:
+        """The answer of an identical request already with the model, when it can be shared:
+        live, as the leader relays it, when both stream alike; else once it is stored."""
+        flight = self._inflight.get(call.exact_key)
+        if flight is None:
             return None
-        shared = await asyncio.shield(leader)
+        shape = stream_shape(call.chat)
+        if shape is not None:
+            fanout = await asyncio.shield(flight.fanout)
+            if (
+                fanout is not None
+                and fanout.shape == shape
+                and (fanout.complete or not fanout.ended)
+            ):
+                return await self._serve_live(request, body, call, flight, fanout, started)
+        shared = await asyncio.shield(flight.answer)
         if shared is None:
             return None
         return await self._serve_hit(request, body, call, shared, started, "coalesced", None)
 
     async def _answer_miss(
-        self, request: web.Request, body: bytes, call: CachedCall, started: float
+        self,
+        request: web.Request,
+        body: bytes,
+        call: CachedCall,
+        started: float,
+        flight: Flight | None = None,
     ) -> tuple[web.StreamResponse, StoredAnswer | None]:
         """Semantic tier, another process's identical call, else the upstream; returns the
-        response and the answer it gave."""
+        response and the answer it gave. ``flight``: this request leads identical ones."""
         embedding: Embedding
         if not call.lookup or not self._wants_semantic_lookup(call):
             embedding = self._embed_beside(call)
@@ -200,7 +218,7 @@ class CacheService:
                 request, body, call, shared, started, "coalesced", None
             )
             return response, shared
-        return await self._forward_miss(request, body, call, embedding)
+        return await self._forward_miss(request, body, call, embedding, flight)
 
     async def _follow_other_process(self, call: CachedCall) -> StoredAnswer | None:
         """Claim this miss for this process, or wait for the process that holds the claim.
@@ -428,15 +446,78 @@ class CacheService:
             return await _replay(request, call, answer, headers)
         return web.Response(status=answer.status, body=answer.body, headers=headers)
 
+    async def _serve_live(
+        self,
+        request: web.Request,
+        body: bytes,
+        call: CachedCall,
+        flight: Flight,
+        fanout: StreamFanout,
+        started: float,
+    ) -> web.StreamResponse:
+        """Follow an identical streamed miss as its leader relays it (a coalesced hit whose
+        entry does not exist yet: no ``X-Cache-Entry``). If the leader's stream breaks off,
+        this one is cut too, as the leader's is."""
+        headers = {
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Cache": "HIT",
+            "X-Cache-Match": "coalesced",
+        }
+        out = web.StreamResponse(status=200, headers=headers)
+        await out.prepare(request)
+        try:
+            async with contextlib.aclosing(fanout.follow()) as chunks:
+                async for chunk in chunks:
+                    await out.write(chunk)
+            if fanout.complete:
+                await out.write_eof()
+            elif request.transport is not None:
+                request.transport.abort()
+        except ConnectionResetError:
+            log.info("client went away during a coalesced stream")
+        answer = await asyncio.shield(flight.answer)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        self._accounting.count(
+            "hit_coalesced",
+            call.namespace,
+            call.chat.model,
+            seconds=elapsed_ms / 1000,
+            prompt_tokens=answer.prompt_tokens if answer else 0,
+            completion_tokens=answer.completion_tokens if answer else 0,
+            time_ms=max(answer.upstream_ms - elapsed_ms, 0.0) if answer else 0.0,
+            entry_id=answer.entry_id if answer else None,
+        )
+        log.info(
+            "cache=hit match=coalesced stream=live complete=%s model=%s ms=%.2f",
+            fanout.complete,
+            call.chat.model,
+            elapsed_ms,
+        )
+        if answer is not None:
+            self._record(
+                request,
+                body,
+                call,
+                "HIT",
+                "coalesced",
+                elapsed_ms,
+                answer.status,
+                answer.content_type,
+                answer.body,
+            )
+        return out
+
     async def _forward_miss(
         self,
         request: web.Request,
         body: bytes,
         call: CachedCall,
         embedding: Embedding,
+        flight: Flight | None,
     ) -> tuple[web.StreamResponse, StoredAnswer | None]:
         if call.chat.stream:
-            return await self._forward_stream(request, body, call, embedding)
+            return await self._forward_stream(request, body, call, embedding, flight)
         started = time.perf_counter()
         try:
             async with self._upstream.open(
@@ -482,8 +563,13 @@ class CacheService:
         body: bytes,
         call: CachedCall,
         embedding: Embedding,
+        flight: Flight | None,
     ) -> tuple[web.StreamResponse, StoredAnswer | None]:
-        """Relay a streamed miss chunk by chunk; store the answer it spelled out if complete."""
+        """Relay a streamed miss chunk by chunk; store the answer it spelled out if complete.
+
+        Leading identical requests (``flight``), a storable stream is fanned out to them as it
+        passes, and read to its end for them even if this request's client leaves.
+        """
         assembler: StreamAssembler | NativeStreamAssembler = (
             NativeStreamAssembler(
                 model=call.chat.model, incremental=incremental_output(call.chat.params)
@@ -492,6 +578,7 @@ class CacheService:
             else StreamAssembler()
         )
         started = time.perf_counter()
+        fanout = None
         try:
             async with self._upstream.open(
                 request.method, request.rel_url, _identity(request), body
@@ -501,12 +588,39 @@ class CacheService:
                     and up.content_type == "text/event-stream"
                     and "no-store" not in cache_directives(up.headers.get("Cache-Control", ""))
                 )
-                relayed = await self._upstream.relay(
-                    request, up, {"X-Cache": "MISS"}, assembler.feed if watch else None
+                if watch and flight is not None:
+                    fanout = StreamFanout(stream_shape(call.chat))
+                if flight is not None:
+                    flight.streams(fanout)
+                relaying = asyncio.ensure_future(
+                    self._upstream.relay(
+                        request,
+                        up,
+                        {"X-Cache": "MISS"},
+                        _feeding(assembler, fanout) if watch else None,
+                        for_others=None if fanout is None else lambda: fanout.followers > 0,
+                    )
                 )
+                try:
+                    relayed = await asyncio.shield(relaying)
+                except asyncio.CancelledError:
+                    if fanout is None or not fanout.followers:
+                        relaying.cancel()
+                        raise
+                    # Cancelled because this client left (a server that cancels handlers; `serve`
+                    # does not): the stream is read to its end for the requests following it.
+                    task = asyncio.current_task()
+                    if task is not None:
+                        task.uncancel()
+                    relayed = await relaying
                 upstream_ms = (time.perf_counter() - started) * 1000
+                if fanout is not None:
+                    fanout.end(complete=relayed.complete)
         except ProxyError as exc:
             return self._upstream_failed(call, exc, embedding), None
+        finally:
+            if fanout is not None:
+                fanout.end(complete=False)  # cancelled or failed before the end (else a no-op)
         entry = None
         facts = None
         if watch and relayed.complete and assembler.complete:
@@ -641,6 +755,20 @@ class CacheService:
         except ProxyError as exc:
             log.warning("pass-through failed: %s", exc)
             return exc.response()
+
+
+def _feeding(
+    assembler: StreamAssembler | NativeStreamAssembler, fanout: StreamFanout | None
+) -> Callable[[bytes], None]:
+    """The relay's chunk callback: the assembler always, the fan-out when there is one."""
+    if fanout is None:
+        return assembler.feed
+
+    def feed(chunk: bytes) -> None:
+        assembler.feed(chunk)
+        fanout.push(chunk)
+
+    return feed
 
 
 def _identity(request: web.Request) -> CIMultiDict[str]:

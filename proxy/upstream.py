@@ -117,20 +117,27 @@ class Upstream:
         response: aiohttp.ClientResponse,
         extra_headers: Mapping[str, str],
         on_chunk: Callable[[bytes], None] | None = None,
+        *,
+        for_others: Callable[[], bool] | None = None,
     ) -> Relayed:
         """Stream ``response`` to the client chunk by chunk, as it arrives (no buffering).
 
-        ``on_chunk`` sees every chunk after it was written. ``complete`` is False when the
-        upstream broke off or the client went away before the end.
+        ``on_chunk`` sees every chunk after it was written. When the client goes away, the rest
+        is still read (for ``on_chunk`` alone) while ``for_others()`` says someone else follows
+        the stream. ``complete`` is False when the upstream broke off, or the client went away
+        before the end with no one else following.
         """
         out = web.StreamResponse(status=response.status, reason=response.reason)
         out.headers.extend(relayable(response.headers))
         out.headers.update(extra_headers)
         await out.prepare(request)
+        delivering = True
         try:
             async for chunk in response.content.iter_any():
-                if not await _deliver(out, chunk):
-                    return Relayed(out, complete=False)
+                if delivering and not await _deliver(out, chunk):
+                    if for_others is None or not for_others():
+                        return Relayed(out, complete=False)
+                    delivering = False
                 if on_chunk is not None:
                     on_chunk(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -140,7 +147,7 @@ class Upstream:
             if request.transport is not None:
                 request.transport.abort()
             return Relayed(out, complete=False)
-        return Relayed(out, complete=await _deliver(out, None))
+        return Relayed(out, complete=not delivering or await _deliver(out, None))
 
 
 @dataclass(frozen=True, slots=True)
