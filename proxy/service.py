@@ -9,54 +9,45 @@ Everything that is not a chat request, and every chat the cache cannot key, goes
 untouched (``X-Cache: BYPASS``). For a question seen for the first time, embedding runs beside
 the upstream call and the entry is stored when both are done, so novel questions wait for
 nothing. The cache fails open: an error of the store, the embedder or the keying step is logged
-(once per burst), counted, and the request is answered by the upstream.
+(once per burst), counted, and the request is answered by the upstream. The semantic tier's
+steps are ``SemanticSteps`` (semantic_steps.py); stream replay and fan-out are in streams.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Callable
-from typing import TypeAlias
 
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from embeddings.errors import ImageDecodeError
 from store.cache import CacheStore
 from store.errors import StoreError
 from store.records import NewEntry, StoredAnswer
 
-from .accounting import Accounting, NearMiss
-from .batcher import BatcherSaturated
+from .accounting import Accounting
 from .calls import CachedCall, Keyer, KnownBodies, cache_directives
 from .errors import BodyTimeout, BodyTooLarge, ClientGone, ProxyError, Uncacheable
 from .failures import FailureLog
-from .fanout import Flight, StreamFanout, stream_shape
 from .freshness import entry_ttl
-from .native_sse import NativeStreamAssembler, incremental_output, native_frames
+from .native_sse import NativeStreamAssembler, incremental_output
 from .protocol import AnswerFacts, read_answer
 from .recorder import Exchange, Recorder
-from .semantic import EmbeddedImages, SemanticHit, SemanticTier
+from .semantic import SemanticTier
+from .semantic_steps import Embedding, SemanticSteps
 from .settings import Settings
-from .sse import StreamAssembler, replay_frames
+from .sse import StreamAssembler
+from .streams import Flight, StreamFanout, feeding, follow_live, replay, stream_shape
 from .upstream import Upstream, forwardable, relayable
 
 log = logging.getLogger(__name__)
-
-# The images' vectors of a miss: ready, being computed beside the upstream call, or none.
-Embedding: TypeAlias = "EmbeddedImages | asyncio.Task[EmbeddedImages | None] | None"
 
 # Keyed calls remembered by their exact body bytes (see KnownBodies): bodies of up to
 # _INLINE_BODY bytes are kept and looked up on the event loop, up to _KNOWN_BODY_BYTES in all.
 _KNOWN_BODY_BYTES = 64 * 2**20
 _INLINE_BODY = 2**20
-# Embedding an answer to store: attempts while the embedder is saturated, first backoff (s).
-_STORE_EMBED_ATTEMPTS = 5
-_STORE_EMBED_BACKOFF = 0.25
 
 
 class CacheService:
@@ -78,8 +69,8 @@ class CacheService:
         self._recorder = recorder
         self._upstream = upstream
         self._keyer = keyer
-        self._semantic = semantic
         self._failures = FailureLog(log)
+        self._steps = SemanticSteps(semantic, store, accounting, self._fail)
         self._background: set[asyncio.Task[None]] = set()
         self._inflight: dict[str, Flight] = {}
         self._known_bodies = KnownBodies(_KNOWN_BODY_BYTES, _INLINE_BODY)
@@ -191,12 +182,12 @@ class CacheService:
         """Semantic tier, another process's identical call, else the upstream; returns the
         response and the answer it gave. ``flight``: this request leads identical ones."""
         embedding: Embedding
-        if not call.lookup or not self._wants_semantic_lookup(call):
-            embedding = self._embed_beside(call)
+        if not call.lookup or not self._steps.wants_lookup(call):
+            embedding = self._steps.embed_beside(call)
         else:
-            embedding, for_now = await self._embed(call)
+            embedding, for_now = await self._steps.embed(call)
             if embedding is not None:
-                hit = await self._lookup_semantic(call, embedding)
+                hit = await self._steps.lookup(call, embedding)
                 if hit is not None:
                     response = await self._serve_hit(
                         request, body, call, hit.answer, started, "semantic", hit.similarity
@@ -204,7 +195,7 @@ class CacheService:
                     return response, hit.answer
             elif for_now:
                 # Busy or slow just now: the answer about to be stored still gets its vectors.
-                embedding = self._embed_beside(call)
+                embedding = self._steps.embed_beside(call)
         try:
             shared = await self._follow_other_process(call)
         except StoreError:
@@ -297,102 +288,6 @@ class CacheService:
         self._accounting.count("bypass", call.namespace, call.chat.model)
         return await self._pass_through(request, body)
 
-    def _wants_semantic_lookup(self, call: CachedCall) -> bool:
-        return (
-            self._semantic is not None
-            and bool(call.image_data)
-            and self._store.has_similar_group(
-                call.namespace, call.fingerprint, len(call.image_data)
-            )
-        )
-
-    async def _embed(self, call: CachedCall) -> tuple[EmbeddedImages | None, bool]:
-        """The request's vectors for a look-up, and whether a failure was only for now (the
-        embedder busy or slow: worth trying again for the answer to store)."""
-        if self._semantic is None or not call.image_data:
-            return None, False
-        embedding = time.perf_counter()
-        try:
-            embedded = await self._semantic.embed(call.image_data, for_lookup=True)
-            self._accounting.metrics.embed_seconds.observe(time.perf_counter() - embedding)
-            return embedded, False
-        except TimeoutError:
-            # Over the budget: the request goes on without the tier. A slow or hung embedder
-            # is a failure of the tier, counted and logged once per burst.
-            self._fail("embedder", "embedding took longer than --embed-timeout, skipped")
-            return None, True
-        except BatcherSaturated:
-            # Busy: a load matter, not a failure of the tier.
-            log.info("cache=semantic-skipped reason=BatcherSaturated")
-            return None, True
-        except ImageDecodeError:
-            # Not a picture the tier can use (bomb, SVG, corrupt): a client matter.
-            log.info("cache=semantic-skipped reason=ImageDecodeError")
-            return None, False
-        except Exception:
-            self._fail("embedder", "embedding failed, answering without the semantic tier")
-            return None, False
-
-    def _embed_beside(self, call: CachedCall) -> asyncio.Task[EmbeddedImages | None] | None:
-        """Start embedding a novel question's images while the upstream answers."""
-        if self._semantic is None or not call.image_data or not call.store:
-            return None
-        return asyncio.create_task(self._embed_to_store(call))
-
-    async def _embed_to_store(self, call: CachedCall) -> EmbeddedImages | None:
-        """The vectors an entry is stored with; retried while the embedder is busy or slow.
-
-        An entry stored without vectors could never be a semantic hit, so a saturated queue or
-        an embedding over the budget is waited out (with backoff) rather than given up at once.
-        Nobody waits for this but the entry's write; the exact tier serves it meanwhile.
-        """
-        assert self._semantic is not None
-        for attempt in range(_STORE_EMBED_ATTEMPTS):
-            try:
-                return await self._semantic.embed(call.image_data, for_lookup=False)
-            except (TimeoutError, BatcherSaturated):
-                await asyncio.sleep(_STORE_EMBED_BACKOFF * 2**attempt)
-            except ImageDecodeError:
-                return None  # not a picture the tier can use (bomb, SVG, corrupt)
-            except Exception:
-                self._fail("embedder", "embedding an answer to store failed")
-                return None
-        log.warning(
-            "embedder busy for %d attempts: answer stored without vectors (exact tier only)",
-            _STORE_EMBED_ATTEMPTS,
-        )
-        return None
-
-    async def _lookup_semantic(
-        self, call: CachedCall, embedded: EmbeddedImages
-    ) -> SemanticHit | None:
-        semantic = self._semantic
-        assert semantic is not None
-        looking = time.perf_counter()
-        try:
-            found = await semantic.lookup(self._store, call.namespace, call.fingerprint, embedded)
-        except StoreError:
-            self._fail("store", "semantic lookup failed, answering from the upstream")
-            return None
-        except Exception:
-            self._fail("index", "semantic verification failed, answering from the upstream")
-            return None
-        finally:
-            self._accounting.metrics.lookup_seconds.observe(time.perf_counter() - looking)
-        if found.closest is not None:
-            closest = found.closest
-            self._accounting.near_miss(
-                NearMiss(
-                    at=time.time(),
-                    model=call.chat.model,
-                    similarity=closest.similarity,
-                    threshold=semantic.threshold,
-                    entry_id=closest.entry_id,
-                    reason=closest.reason,
-                )
-            )
-        return found.hit
-
     async def _serve_hit(
         self,
         request: web.Request,
@@ -443,7 +338,7 @@ class CacheService:
             answer.body,
         )
         if call.chat.stream:
-            return await _replay(request, call, answer, headers)
+            return await replay(request, call.chat, answer, headers)
         return web.Response(status=answer.status, body=answer.body, headers=headers)
 
     async def _serve_live(
@@ -458,24 +353,7 @@ class CacheService:
         """Follow an identical streamed miss as its leader relays it (a coalesced hit whose
         entry does not exist yet: no ``X-Cache-Entry``). If the leader's stream breaks off,
         this one is cut too, as the leader's is."""
-        headers = {
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Cache": "HIT",
-            "X-Cache-Match": "coalesced",
-        }
-        out = web.StreamResponse(status=200, headers=headers)
-        await out.prepare(request)
-        try:
-            async with contextlib.aclosing(fanout.follow()) as chunks:
-                async for chunk in chunks:
-                    await out.write(chunk)
-            if fanout.complete:
-                await out.write_eof()
-            elif request.transport is not None:
-                request.transport.abort()
-        except ConnectionResetError:
-            log.info("client went away during a coalesced stream")
+        out = await follow_live(request, fanout, {"X-Cache": "HIT", "X-Cache-Match": "coalesced"})
         answer = await asyncio.shield(flight.answer)
         elapsed_ms = (time.perf_counter() - started) * 1000
         self._accounting.count(
@@ -597,7 +475,7 @@ class CacheService:
                         request,
                         up,
                         {"X-Cache": "MISS"},
-                        _feeding(assembler, fanout) if watch else None,
+                        feeding(assembler, fanout) if watch else None,
                         for_others=None if fanout is None else lambda: fanout.followers > 0,
                     )
                 )
@@ -688,13 +566,13 @@ class CacheService:
     ) -> None:
         """Store ``entry`` now, or once its images' embedding is done (a tracked task)."""
         if not isinstance(embedding, asyncio.Task):
-            self._store.add(_with_vectors(entry, embedding, self._embedder_id))
+            self._store.add(self._steps.with_vectors(entry, embedding))
             return
         self._store.hold(entry)  # the exact tier can serve it while the vectors are computed
 
         async def finish() -> None:
             embedded = await embedding
-            self._store.add(_with_vectors(entry, embedded, self._embedder_id))
+            self._store.add(self._steps.with_vectors(entry, embedded))
 
         task = asyncio.create_task(finish())
         self._background.add(task)
@@ -741,10 +619,6 @@ class CacheService:
         if not written:
             self._accounting.failure("recorder")
 
-    @property
-    def _embedder_id(self) -> str | None:
-        return self._semantic.embedder.id if self._semantic is not None else None
-
     async def _pass_through(self, request: web.Request, data: object) -> web.StreamResponse:
         try:
             async with self._upstream.open(
@@ -757,59 +631,11 @@ class CacheService:
             return exc.response()
 
 
-def _feeding(
-    assembler: StreamAssembler | NativeStreamAssembler, fanout: StreamFanout | None
-) -> Callable[[bytes], None]:
-    """The relay's chunk callback: the assembler always, the fan-out when there is one."""
-    if fanout is None:
-        return assembler.feed
-
-    def feed(chunk: bytes) -> None:
-        assembler.feed(chunk)
-        fanout.push(chunk)
-
-    return feed
-
-
 def _identity(request: web.Request) -> CIMultiDict[str]:
     """Headers for the upstream: the client's, asking for an uncompressed (storable) answer."""
     headers = forwardable(request.headers)
     headers["Accept-Encoding"] = "identity"
     return headers
-
-
-async def _replay(
-    request: web.Request, call: CachedCall, answer: StoredAnswer, headers: dict[str, str]
-) -> web.StreamResponse:
-    """Serve a stored answer to a streaming request as its format's frames: OpenAI
-    ``chat.completion.chunk`` frames, or native DashScope ``event:result`` frames."""
-    stored = orjson.loads(answer.body)
-    if call.chat.format == "native":
-        frames = native_frames(stored, incremental=incremental_output(call.chat.params))
-    else:
-        options = call.chat.params.get("stream_options")
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        frames = replay_frames(stored, include_usage=include_usage)
-    headers = {**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    out = web.StreamResponse(status=200, headers=headers)
-    await out.prepare(request)
-    try:
-        for frame in frames:
-            await out.write(frame)
-    except ConnectionResetError:
-        log.info("client went away during a replay")
-        return out
-    await out.write_eof()
-    return out
-
-
-def _with_vectors(
-    entry: NewEntry, embedded: EmbeddedImages | None, embedder_id: str | None
-) -> NewEntry:
-    """``entry`` with its images' vectors and thumbnails, when they were computed."""
-    if embedded is None or embedder_id is None:
-        return entry
-    return entry.with_vectors(embedder_id, embedded.vectors, embedded.thumbnails)
 
 
 def _cacheable_entry(

@@ -1,21 +1,31 @@
-"""``StreamFanout``: a streamed miss's bytes, handed to identical requests while they pass.
+"""Streams served by the cache: a stored answer replayed as frames, a miss's stream fanned out.
 
-N identical requests arriving together make one upstream call (coalescing). When the first of
-them, the leader, streams, its followers should not wait for the whole answer before their first
-byte: each follower that asked for the same stream shape gets what the leader got so far at once,
-then every later chunk as the leader relays it. The leader pushes chunks and ends the fan-out;
-followers iterate ``follow()``. Chunks are kept until the stream ends (an answer's size).
+A hit for a streaming request is replayed in its format's frames (``replay``). And a streamed
+miss is handed to identical requests while it passes (``StreamFanout``): N identical requests
+arriving together make one upstream call (coalescing), and when the first of them, the leader,
+streams, its followers should not wait for the whole answer before their first byte: each one
+that asked for the same stream shape gets what the leader got so far at once, then every later
+chunk as the leader relays it. The leader pushes chunks and ends the fan-out; followers iterate
+``follow()``. Chunks are kept until the stream ends (an answer's size).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Hashable
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Callable, Hashable, Mapping
+
+import orjson
+from aiohttp import web
 
 from store.records import StoredAnswer
 
-from .native_sse import incremental_output
+from .native_sse import NativeStreamAssembler, incremental_output, native_frames
 from .protocol import ChatRequest
+from .sse import StreamAssembler, replay_frames
+
+log = logging.getLogger(__name__)
 
 
 class StreamFanout:
@@ -104,5 +114,71 @@ def stream_shape(chat: ChatRequest) -> Hashable:
         return None
     if chat.format == "native":
         return ("native", incremental_output(chat.params))
+    return ("openai", _asks_for_usage(chat))
+
+
+async def follow_live(
+    request: web.Request, fanout: StreamFanout, headers: Mapping[str, str]
+) -> web.StreamResponse:
+    """Write ``fanout``'s stream to a follower as it passes. If the leader's stream breaks off,
+    the follower's connection is cut too (as the leader's is), so that no one mistakes a
+    truncated stream for a whole one."""
+    out = web.StreamResponse(
+        status=200,
+        headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
+    )
+    await out.prepare(request)
+    try:
+        async with contextlib.aclosing(fanout.follow()) as chunks:
+            async for chunk in chunks:
+                await out.write(chunk)
+        if fanout.complete:
+            await out.write_eof()
+        elif request.transport is not None:
+            request.transport.abort()
+    except ConnectionResetError:
+        log.info("client went away during a coalesced stream")
+    return out
+
+
+def feeding(
+    assembler: StreamAssembler | NativeStreamAssembler, fanout: StreamFanout | None
+) -> Callable[[bytes], None]:
+    """The relay's chunk callback: the assembler always, the fan-out when there is one."""
+    if fanout is None:
+        return assembler.feed
+
+    def feed(chunk: bytes) -> None:
+        assembler.feed(chunk)
+        fanout.push(chunk)
+
+    return feed
+
+
+async def replay(
+    request: web.Request, chat: ChatRequest, answer: StoredAnswer, headers: dict[str, str]
+) -> web.StreamResponse:
+    """Serve a stored answer to a streaming request as its format's frames: OpenAI
+    ``chat.completion.chunk`` frames, or native DashScope ``event:result`` frames."""
+    stored = orjson.loads(answer.body)
+    if chat.format == "native":
+        frames = native_frames(stored, incremental=incremental_output(chat.params))
+    else:
+        frames = replay_frames(stored, include_usage=_asks_for_usage(chat))
+    headers = {**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    out = web.StreamResponse(status=200, headers=headers)
+    await out.prepare(request)
+    try:
+        for frame in frames:
+            await out.write(frame)
+    except ConnectionResetError:
+        log.info("client went away during a replay")
+        return out
+    await out.write_eof()
+    return out
+
+
+def _asks_for_usage(chat: ChatRequest) -> bool:
+    """An OpenAI stream request asking for a last chunk with the usage."""
     options = chat.params.get("stream_options")
-    return ("openai", isinstance(options, dict) and options.get("include_usage") is True)
+    return isinstance(options, dict) and options.get("include_usage") is True
