@@ -132,9 +132,12 @@ class _GroupVectors:
             found = hits if found is None else found & hits
         if not found:
             return []
-        rows = np.nonzero(np.isin(self.ids[: self.n], np.fromiter(found, dtype=np.int64)))[0]
-        sims = np.einsum("nkd,kd->nk", self.vectors[rows], query)
-        return _candidates(self.ids[rows], sims, threshold)
+        # The found entries' vectors straight from the indexes (IndexIDMap2 maps id -> row):
+        # finding their rows in ``ids`` was an O(n) scan, ~0.1 ms at 30,000 entries.
+        ids = np.fromiter(found, dtype=np.int64, count=len(found))
+        stored = np.stack([index.reconstruct_batch(ids) for index in self.indexes], axis=1)
+        sims = np.einsum("nkd,kd->nk", stored, query)
+        return _candidates(ids, sims, threshold)
 
 
 def _candidates(ids: npt.NDArray[np.int64], sims: Vectors, threshold: float) -> list[Candidate]:

@@ -56,6 +56,22 @@ def test_multi_image_entries_match_position_by_position() -> None:
     assert index.has_group(("t", "q"), 2) and not index.has_group(("t", "q"), 1)
 
 
+@pytest.mark.parametrize("size", [8, FLAT_FAISS_ROWS + 10, 700])
+def test_multi_image_similarities_are_exact_in_every_tier(size: int) -> None:
+    rng = np.random.default_rng(size)
+    index = VectorIndex("test/emb", DIM, approx_rows=600)
+    entries = unit(rng, size, 2)
+    for i, v in enumerate(entries):
+        index.add(1000 + i, ("t", "q"), v)
+    query = near(entries[7], rng)
+    found = index.search(("t", "q"), query, threshold=0.9)
+    assert found and found[0].entry_id == 1007
+    # The stored float32 vectors, whatever tier answered: the same figures as a plain product.
+    expected = np.einsum("kd,kd->k", entries[7], query)
+    assert found[0].per_image == tuple(float(x) for x in expected)
+    assert found[0].similarity == float(expected.min())
+
+
 @pytest.mark.parametrize("size", [5, FLAT_FAISS_ROWS + 5, 650])
 def test_removal_in_every_tier(size: int) -> None:
     rng = np.random.default_rng(2)
