@@ -299,16 +299,7 @@ class CacheService:
         similarity: float | None,
     ) -> web.StreamResponse:
         elapsed_ms = (time.perf_counter() - started) * 1000
-        self._accounting.count(
-            f"hit_{match}",
-            call.namespace,
-            call.chat.model,
-            seconds=elapsed_ms / 1000,
-            prompt_tokens=answer.prompt_tokens,
-            completion_tokens=answer.completion_tokens,
-            time_ms=max(answer.upstream_ms - elapsed_ms, 0.0),
-            entry_id=answer.entry_id,
-        )
+        self._count_hit(call, match, elapsed_ms, answer)
         headers = {
             "Content-Type": answer.content_type,
             "X-Cache": "HIT",
@@ -356,16 +347,7 @@ class CacheService:
         out = await follow_live(request, fanout, {"X-Cache": "HIT", "X-Cache-Match": "coalesced"})
         answer = await asyncio.shield(flight.answer)
         elapsed_ms = (time.perf_counter() - started) * 1000
-        self._accounting.count(
-            "hit_coalesced",
-            call.namespace,
-            call.chat.model,
-            seconds=elapsed_ms / 1000,
-            prompt_tokens=answer.prompt_tokens if answer else 0,
-            completion_tokens=answer.completion_tokens if answer else 0,
-            time_ms=max(answer.upstream_ms - elapsed_ms, 0.0) if answer else 0.0,
-            entry_id=answer.entry_id if answer else None,
-        )
+        self._count_hit(call, "coalesced", elapsed_ms, answer)
         log.info(
             "cache=hit match=coalesced stream=live complete=%s model=%s ms=%.2f",
             fanout.complete,
@@ -546,6 +528,22 @@ class CacheService:
             self._store_later(entry, embedding)
         elif isinstance(embedding, asyncio.Task):
             embedding.cancel()
+
+    def _count_hit(
+        self, call: CachedCall, match: str, elapsed_ms: float, answer: StoredAnswer | None
+    ) -> None:
+        """Count a hit and what it saved: the answer's usage, and the time the model took for
+        it less this hit's (nothing when a live follower's answer was not stored)."""
+        self._accounting.count(
+            f"hit_{match}",
+            call.namespace,
+            call.chat.model,
+            seconds=elapsed_ms / 1000,
+            prompt_tokens=answer.prompt_tokens if answer else 0,
+            completion_tokens=answer.completion_tokens if answer else 0,
+            time_ms=max(answer.upstream_ms - elapsed_ms, 0.0) if answer else 0.0,
+            entry_id=answer.entry_id if answer else None,
+        )
 
     def _count_miss(self, call: CachedCall, upstream_ms: float, facts: AnswerFacts | None) -> None:
         self._accounting.metrics.upstream_seconds.observe(upstream_ms / 1000)
