@@ -160,11 +160,7 @@ class CacheService:
         shape = stream_shape(call.chat)
         if shape is not None:
             fanout = await asyncio.shield(flight.fanout)
-            if (
-                fanout is not None
-                and fanout.shape == shape
-                and (fanout.complete or not fanout.ended)
-            ):
+            if fanout is not None and fanout.shape == shape and not fanout.broken:
                 return await self._serve_live(request, body, call, flight, fanout, started)
         shared = await asyncio.shield(flight.answer)
         if shared is None:
@@ -299,7 +295,7 @@ class CacheService:
         similarity: float | None,
     ) -> web.StreamResponse:
         elapsed_ms = (time.perf_counter() - started) * 1000
-        self._count_hit(call, match, elapsed_ms, answer)
+        self._note_hit(request, body, call, match, elapsed_ms, answer)
         headers = {
             "Content-Type": answer.content_type,
             "X-Cache": "HIT",
@@ -316,17 +312,6 @@ class CacheService:
             answer.entry_id,
             call.chat.model,
             elapsed_ms,
-        )
-        self._record(
-            request,
-            body,
-            call,
-            "HIT",
-            match,
-            elapsed_ms,
-            answer.status,
-            answer.content_type,
-            answer.body,
         )
         if call.chat.stream:
             return await replay(request, call.chat, answer, headers)
@@ -347,25 +332,13 @@ class CacheService:
         out = await follow_live(request, fanout, {"X-Cache": "HIT", "X-Cache-Match": "coalesced"})
         answer = await asyncio.shield(flight.answer)
         elapsed_ms = (time.perf_counter() - started) * 1000
-        self._count_hit(call, "coalesced", elapsed_ms, answer)
+        self._note_hit(request, body, call, "coalesced", elapsed_ms, answer)
         log.info(
             "cache=hit match=coalesced stream=live complete=%s model=%s ms=%.2f",
             fanout.complete,
             call.chat.model,
             elapsed_ms,
         )
-        if answer is not None:
-            self._record(
-                request,
-                body,
-                call,
-                "HIT",
-                "coalesced",
-                elapsed_ms,
-                answer.status,
-                answer.content_type,
-                answer.body,
-            )
         return out
 
     async def _forward_miss(
@@ -448,39 +421,23 @@ class CacheService:
                     and up.content_type == "text/event-stream"
                     and "no-store" not in cache_directives(up.headers.get("Cache-Control", ""))
                 )
-                if watch and flight is not None:
-                    fanout = StreamFanout(stream_shape(call.chat))
                 if flight is not None:
+                    fanout = StreamFanout(stream_shape(call.chat)) if watch else None
                     flight.streams(fanout)
-                relaying = asyncio.ensure_future(
-                    self._upstream.relay(
-                        request,
-                        up,
-                        {"X-Cache": "MISS"},
-                        feeding(assembler, fanout) if watch else None,
-                        for_others=None if fanout is None else lambda: fanout.followers > 0,
-                    )
+                relaying = self._upstream.relay(
+                    request,
+                    up,
+                    {"X-Cache": "MISS"},
+                    feeding(assembler, fanout) if watch else None,
+                    for_others=None if fanout is None else fanout.followed,
                 )
-                try:
-                    relayed = await asyncio.shield(relaying)
-                except asyncio.CancelledError:
-                    if fanout is None or not fanout.followers:
-                        relaying.cancel()
-                        raise
-                    # Cancelled because this client left (a server that cancels handlers; `serve`
-                    # does not): the stream is read to its end for the requests following it.
-                    task = asyncio.current_task()
-                    if task is not None:
-                        task.uncancel()
-                    relayed = await relaying
+                relayed = await (relaying if fanout is None else fanout.carry(relaying))
                 upstream_ms = (time.perf_counter() - started) * 1000
-                if fanout is not None:
-                    fanout.end(complete=relayed.complete)
         except ProxyError as exc:
             return self._upstream_failed(call, exc, embedding), None
         finally:
             if fanout is not None:
-                fanout.end(complete=False)  # cancelled or failed before the end (else a no-op)
+                fanout.end(complete=False)  # the relay failed first (a no-op once carried)
         entry = None
         facts = None
         if watch and relayed.complete and assembler.complete:
@@ -529,11 +486,30 @@ class CacheService:
         elif isinstance(embedding, asyncio.Task):
             embedding.cancel()
 
-    def _count_hit(
-        self, call: CachedCall, match: str, elapsed_ms: float, answer: StoredAnswer | None
+    def _note_hit(
+        self,
+        request: web.Request,
+        body: bytes,
+        call: CachedCall,
+        match: str,
+        elapsed_ms: float,
+        answer: StoredAnswer | None,
     ) -> None:
-        """Count a hit and what it saved: the answer's usage, and the time the model took for
-        it less this hit's (nothing when a live follower's answer was not stored)."""
+        """Count and record a hit with what it saved: the answer's usage, and the time the model
+        took for it less this hit's (nothing saved, nothing recorded, when a live follower's
+        answer was not stored)."""
+        if answer is not None:
+            self._record(
+                request,
+                body,
+                call,
+                "HIT",
+                match,
+                elapsed_ms,
+                answer.status,
+                answer.content_type,
+                answer.body,
+            )
         self._accounting.count(
             f"hit_{match}",
             call.namespace,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Callable, Hashable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable, Mapping
 
 import orjson
 from aiohttp import web
@@ -24,6 +24,7 @@ from store.records import StoredAnswer
 from .native_sse import NativeStreamAssembler, incremental_output, native_frames
 from .protocol import ChatRequest
 from .sse import StreamAssembler, replay_frames
+from .upstream import Relayed
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,36 @@ class StreamFanout:
     def complete(self) -> bool:
         """The stream reached its end (only meaningful once ``ended``)."""
         return self._complete is True
+
+    @property
+    def broken(self) -> bool:
+        """The stream ended before its end: a follower joining now would get a truncated one."""
+        return self._complete is False
+
+    def followed(self) -> bool:
+        """Someone reads the stream right now (the leader's relay reads on for them)."""
+        return self.followers > 0
+
+    async def carry(self, relaying: Awaitable[Relayed]) -> Relayed:
+        """The leader's relay, ending the fan-out as the relay ends.
+
+        If the leader's handler is cancelled (its client left, under a server that cancels
+        handlers; ``vlcache serve`` does not) while followers read, the relay goes on to the end
+        for them.
+        """
+        task = asyncio.ensure_future(relaying)
+        try:
+            relayed = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not self.followers:
+                task.cancel()
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            relayed = await task
+        self.end(complete=relayed.complete)
+        return relayed
 
     def push(self, chunk: bytes) -> None:
         """The leader relayed ``chunk``."""
@@ -123,11 +154,7 @@ async def follow_live(
     """Write ``fanout``'s stream to a follower as it passes. If the leader's stream breaks off,
     the follower's connection is cut too (as the leader's is), so that no one mistakes a
     truncated stream for a whole one."""
-    out = web.StreamResponse(
-        status=200,
-        headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
-    )
-    await out.prepare(request)
+    out = await _event_stream(request, headers)
     try:
         async with contextlib.aclosing(fanout.follow()) as chunks:
             async for chunk in chunks:
@@ -156,7 +183,7 @@ def feeding(
 
 
 async def replay(
-    request: web.Request, chat: ChatRequest, answer: StoredAnswer, headers: dict[str, str]
+    request: web.Request, chat: ChatRequest, answer: StoredAnswer, headers: Mapping[str, str]
 ) -> web.StreamResponse:
     """Serve a stored answer to a streaming request as its format's frames: OpenAI
     ``chat.completion.chunk`` frames, or native DashScope ``event:result`` frames."""
@@ -165,9 +192,7 @@ async def replay(
         frames = native_frames(stored, incremental=incremental_output(chat.params))
     else:
         frames = replay_frames(stored, include_usage=_asks_for_usage(chat))
-    headers = {**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    out = web.StreamResponse(status=200, headers=headers)
-    await out.prepare(request)
+    out = await _event_stream(request, headers)
     try:
         for frame in frames:
             await out.write(frame)
@@ -182,3 +207,13 @@ def _asks_for_usage(chat: ChatRequest) -> bool:
     """An OpenAI stream request asking for a last chunk with the usage."""
     options = chat.params.get("stream_options")
     return isinstance(options, dict) and options.get("include_usage") is True
+
+
+async def _event_stream(request: web.Request, headers: Mapping[str, str]) -> web.StreamResponse:
+    """A 200 ``text/event-stream`` response with ``headers``, its head sent."""
+    out = web.StreamResponse(
+        status=200,
+        headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
+    )
+    await out.prepare(request)
+    return out
