@@ -63,9 +63,8 @@ def new_entry_id() -> int:
 class Synced(NamedTuple):
     """What one sync found written elsewhere."""
 
-    created: (
-        int  # live rows read: other processes' in the look-back (ours too after a failed write)
-    )
+    # Live rows read: other processes' in the look-back (ours too after a write of ours failed).
+    created: int
     indexed: int  # of those, entries added to the vector index
     withdrawn: int  # entries deleted elsewhere, dropped from the index and the memory tier
 
@@ -535,9 +534,9 @@ class CacheStore:
         Entries written elsewhere (warm-up, other replicas) join the index; entries deleted
         elsewhere leave it and the memory tier. Looks back ``SYNC_RECENT`` seconds past the
         previous sync (``SYNC_SLACK`` every ``SYNC_FULL_EVERY`` seconds), for rows committed after
-        the moment they were stamped with. Rows this
-        process wrote are skipped (it indexed them when it wrote them): a busy process would
-        otherwise read each of its own rows again at every sync of that half minute.
+        the moment they were stamped with. Rows this process wrote are skipped (it indexed them
+        when it wrote them), unless a write of it failed inside the look-back: that commit may
+        have landed all the same.
         """
         started = time.time()
         full = time.monotonic() - self._last_full_sync >= SYNC_FULL_EVERY
@@ -547,11 +546,9 @@ class CacheStore:
             held = self._memory.get(row.exact_key)
             if held is not None and held.entry_id == row.id:
                 self._memory.discard(row.exact_key)
-        if self._doubtful_write >= since:
-            fresh = await self._run(lambda conn: _all(conn, _CREATED_SINCE, {"since": since}))
-        else:
-            mine = {"since": since, "me": self.owner}
-            fresh = await self._run(lambda conn: _all(conn, _CREATED_ELSEWHERE_SINCE, mine))
+        created = _CREATED_SINCE if self._doubtful_write >= since else _CREATED_ELSEWHERE_SINCE
+        params = {"since": since, "me": self.owner}
+        fresh = await self._run(lambda conn: _all(conn, created, params))
         if self._known is not None:
             self._known.update(hash(row.exact_key) for row in fresh)
         added = 0
