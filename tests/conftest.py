@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 from blockbuster import blockbuster_ctx
@@ -187,3 +188,11 @@ def native_chat(question: str, *images: str, model: str = "qwen3-vl-plus") -> di
         "input": {"messages": [{"role": "user", "content": content}]},
         "parameters": {"result_format": "message"},
     }
+
+
+def sse_text(body: bytes) -> str:
+    """The content an OpenAI ``chat.completion.chunk`` stream spells out (it ends in [DONE])."""
+    frames = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
+    assert frames[-1] == "[DONE]"
+    choices = [orjson.loads(frame)["choices"] for frame in frames[:-1]]
+    return "".join(c[0]["delta"].get("content") or "" for c in choices if c)

@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestServer
 
 from proxy.sse import replay_frames
 from proxy.standin import openai_answer
-from tests.conftest import data_uri, jpeg_bytes, openai_chat
+from tests.conftest import data_uri, jpeg_bytes, openai_chat, sse_text
 from tests.fakes import FakeUpstream, Reply
 
 URL = "/v1/chat/completions"
@@ -28,11 +28,7 @@ async def post(
 
 def content(body: bytes) -> str:
     if body.startswith(b"data:"):
-        frames = [f[6:] for f in body.split(b"\n\n") if f.startswith(b"data: {")]
-        chunks = [orjson.loads(f) for f in frames]
-        return "".join(
-            c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
-        )
+        return sse_text(body)
     return orjson.loads(body)["choices"][0]["message"]["content"]
 
 

@@ -31,6 +31,7 @@ from tests.conftest import (
     data_uri,
     jpeg_bytes,
     openai_chat,
+    sse_text,
 )
 from tests.fakes import FakeUpstream, Reply
 from tests.proxy.hostile import (
@@ -355,12 +356,6 @@ async def test_a_leader_leaving_while_the_model_answers_does_not_hurt_its_follow
     assert await stored_questions(served) == ["Who leaves first?"]
 
 
-def streamed_text(stream: bytes) -> str:
-    """The content an OpenAI stream spells out."""
-    chunks = [orjson.loads(f[6:]) for f in stream.split(b"\n\n") if f.startswith(b"data: {")]
-    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-
-
 async def test_a_streaming_leader_leaving_mid_stream_leaves_its_followers_the_whole_stream(
     served: TestServer | Served,
     upstream: tuple[FakeUpstream, TestServer],
@@ -388,7 +383,7 @@ async def test_a_streaming_leader_leaving_mid_stream_leaves_its_followers_the_wh
         assert answer == b"".join(frames)
     assert len(fake.chat_calls) == 1
     status, cache, answer = await post(client, served, body)
-    assert (status, cache) == (200, "HIT") and streamed_text(answer) == words
+    assert (status, cache) == (200, "HIT") and sse_text(answer) == words
     assert await stored_questions(served) == ["Stream, then leave?"]
     # The client left; the upstream did nothing wrong and is not blamed.
     assert [r.getMessage() for r in caplog.records] == []

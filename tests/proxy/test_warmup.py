@@ -35,7 +35,7 @@ from proxy.standin import native_answer, openai_answer
 from proxy.warmup import warm_up
 from store.cache import CacheStore
 from store.database import create_engine
-from tests.conftest import ProxyFactory, data_uri, jpeg_bytes, native_chat, openai_chat
+from tests.conftest import ProxyFactory, data_uri, jpeg_bytes, native_chat, openai_chat, sse_text
 from tests.fakes import FakeUpstream
 
 VLCACHE = [sys.executable, "-m", "proxy"]
@@ -143,14 +143,6 @@ async def post(
         return dict(response.headers), await response.read()
 
 
-def streamed_text(body: bytes) -> str:
-    """The content a replayed ``chat.completion.chunk`` stream spells out (it ends in [DONE])."""
-    frames = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
-    assert frames[-1] == "[DONE]"
-    deltas = [json.loads(frame)["choices"][0]["delta"] for frame in frames[:-1]]
-    return "".join(delta.get("content") or "" for delta in deltas)
-
-
 async def test_every_log_format_becomes_an_exact_hit(
     make_proxy: ProxyFactory,
     db_url: str,
@@ -244,7 +236,7 @@ async def test_every_log_format_becomes_an_exact_hit(
         assert (headers["X-Cache"], headers["X-Cache-Match"]) == ("HIT", "exact"), request
         if request.get("stream"):
             assert headers["Content-Type"].startswith("text/event-stream")
-            assert streamed_text(body) == "streamed answer"
+            assert sse_text(body) == "streamed answer"
         else:
             assert orjson.loads(body) == answer
         entries.append(int(headers["X-Cache-Entry"]))
