@@ -1,8 +1,10 @@
-"""``KnownBodies``: a repeated request body skips the parse, and only the very same bytes do."""
+"""``KnownBodies`` and ``ImageDigests``: a repeated request body skips the parse, a repeated
+picture its hash, and only the very same bytes do."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import AsyncIterator
 
@@ -10,7 +12,8 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.calls import CachedCall, Keyer, KnownBodies
+import proxy.calls
+from proxy.calls import CachedCall, ImageDigests, Keyer, KnownBodies
 from proxy.fetch import ImageFetcher
 from proxy.settings import Settings
 
@@ -89,3 +92,61 @@ async def test_kept_bodies_are_bounded_in_bytes_least_recently_used_first(
     assert all(
         memo.get(k, b) is not None for k, b in zip(keys, bodies, strict=True) if k != keys[1]
     )
+
+
+class CountedHash:
+    """``image_digest`` that counts the pictures it hashed."""
+
+    def __init__(self) -> None:
+        self.hashed: list[bytes] = []
+
+    def __call__(self, data: bytes) -> str:
+        self.hashed.append(data)
+        return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> CountedHash:
+    hashing = CountedHash()
+    monkeypatch.setattr(proxy.calls, "image_digest", hashing)
+    return hashing
+
+
+async def test_a_picture_sent_again_with_a_new_question_is_hashed_once(
+    keyer: Keyer, counted: CountedHash
+) -> None:
+    picture = b"\xff\xd8" + bytes(range(256)) * 40
+    first = await keyed(keyer, chat("What is this?", picture))
+    again = await keyed(keyer, chat("What does it cost?", picture))
+    other = await keyed(keyer, chat("What is this?", picture[:-1] + b"\x01"))
+    assert counted.hashed == [picture, picture[:-1] + b"\x01"]
+    assert first.image_digests == again.image_digests == (hashlib.sha256(picture).hexdigest(),)
+    assert other.image_digests != first.image_digests
+    assert first.exact_key != again.exact_key
+
+
+def test_a_colliding_picture_gets_its_own_digest(
+    monkeypatch: pytest.MonkeyPatch, counted: CountedHash
+) -> None:
+    # Every picture hashes to the same xxh3 value (a chance or crafted collision).
+    monkeypatch.setattr(proxy.calls.xxhash, "xxh3_64_intdigest", lambda data: 7)
+    digests = ImageDigests(max_bytes=1 << 20)
+    pictures = [b"\xff\xd8 one", b"\xff\xd8 two", b"\xff\xd8 one"]
+    found = [digests.digest("ns", picture) for picture in pictures]
+    assert found == [hashlib.sha256(picture).hexdigest() for picture in pictures]
+    assert counted.hashed == pictures  # each comparison failed: hashed afresh
+
+
+def test_pictures_are_remembered_per_namespace_within_a_byte_budget(
+    counted: CountedHash,
+) -> None:
+    pictures = [bytes([n]) * 1000 for n in range(4)]
+    digests = ImageDigests(max_bytes=3000)
+    for picture in pictures[:3]:
+        digests.digest("ns", picture)
+    digests.digest("ns", pictures[0])  # kept, and now the most recently used
+    digests.digest("other tenant", pictures[0])  # another namespace hashes its own copy
+    assert counted.hashed == [*pictures[:3], pictures[0]]
+    digests.digest("ns", pictures[3])  # the budget is full: pictures[1] and [2] went out
+    digests.digest("ns", pictures[2])
+    assert counted.hashed[-2:] == [pictures[3], pictures[2]]
