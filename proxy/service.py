@@ -367,15 +367,16 @@ class CacheService:
         ttl = entry_ttl(self._settings.ttl, request.headers, out_headers)
         facts = read_answer(call.chat.format, answer_body) if status == 200 else None
         entry = _cacheable_entry(call, status, out_headers, answer_body, upstream_ms, ttl, facts)
-        self._keep_or_drop(entry, embedding)
         if entry is not None:
             out_headers["X-Cache-Entry"] = str(entry.entry_id)
         response = web.Response(status=status, reason=reason, body=answer_body, headers=out_headers)
         try:
             # The client has waited for the model long enough: its answer goes out first, the
-            # counting, recording and logging after it.
+            # storing, counting, recording and logging after it. An identical request meanwhile
+            # follows this one (its flight lands once the answer is stored).
             await _send(request, response)
         finally:
+            self._keep_or_drop(entry, embedding)
             self._count_miss(call, upstream_ms, facts)
             content_type = out_headers.get("Content-Type", "application/json")
             self._record(
