@@ -451,6 +451,8 @@ _WRK_LUA = (
     + r"""
 local VARY = __VARY__
 local TAG = "__TAG__"
+local DIGITS = __DIGITS__
+local RUN = __RUN__
 local prefix, suffix
 if VARY then
   prefix = slurp("__PREFIX__")
@@ -469,7 +471,13 @@ if VARY or RAW then
     local built
     if VARY then
       counter = counter + 1
-      built = wrk.format(nil, nil, nil, prefix .. TAG .. "-" .. id .. "-" .. counter .. suffix)
+      local unique
+      if DIGITS then
+        unique = string.format("%04d%02d%010d", RUN % 10000, id % 100, counter)
+      else
+        unique = TAG .. "-" .. id .. "-" .. counter
+      end
+      built = wrk.format(nil, nil, nil, prefix .. unique .. suffix)
     else
       built = static_request
     end
@@ -492,11 +500,16 @@ end
 
 @dataclass(frozen=True)
 class Body:
-    """A request body: fixed, or ``prefix + <unique tag> + suffix`` per request."""
+    """A request body: fixed, or ``prefix + <unique tag> + suffix`` per request.
+
+    With ``digits`` the unique tag is 16 decimal digits (run, thread, counter), so that it can
+    stand inside base64 text: 16 characters decode to 12 bytes.
+    """
 
     path: Path | None = None
     prefix: Path | None = None
     suffix: Path | None = None
+    digits: bool = False
 
     @property
     def varies(self) -> bool:
@@ -540,13 +553,15 @@ def write_lua(
     limit: int = 0,
     expect_cache: str | None = None,
     tag: str = "",
+    run: int = 0,
     raw_path: Path | None = None,
 ) -> Path:
     """A wrk script POSTing ``body``; ends the run after ``limit`` answers (0: on duration).
 
     ``limit`` is meant for 1-thread runs: the first thread to reach it ends the whole run.
     With ``raw_path`` (and a ``limit``), thread N writes each request's time in microseconds,
-    one a line, to ``<raw_path>.N`` (see ``read_times``).
+    one a line, to ``<raw_path>.N`` (see ``read_times``). ``run`` tells the digit tags of
+    scripts apart (a ``digits`` body repeats its tags in every script of the same ``run``).
     """
     values = {
         "__PATH__": path,
@@ -554,6 +569,8 @@ def write_lua(
         "__LIMIT__": str(limit),
         "__EXPECT__": f'"{expect_cache}"' if expect_cache else "nil",
         "__TAG__": tag or name,
+        "__DIGITS__": "true" if body.digits else "false",
+        "__RUN__": str(run),
         "__RAW__": f'"{raw_path}"' if raw_path else "nil",
         "__PREFIX__": str(body.prefix or ""),
         "__SUFFIX__": str(body.suffix or ""),

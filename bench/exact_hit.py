@@ -59,6 +59,7 @@ import _common as c
 TITLE = "Exact-hit path (issue 2)"
 CHAT_PATH = "/v1/chat/completions"
 MARKER = "@@QUESTION@@"
+DATA_URI_HEAD = "data:image/jpeg;base64,"
 TARGET_JPEG_BYTES = 150 * 1024
 
 # The issue's targets; none of them is bent here.
@@ -110,16 +111,17 @@ class Workload:
     """The request bodies on disk, as wrk reads them."""
 
     fixed: c.Body
-    varying: c.Body
+    varying: c.Body  # the same photo, a new question every request
+    new_photo: c.Body  # the same question, a new picture every request
     body: bytes
     jpeg_bytes: int
     jpeg_quality: int
 
 
 def make_workload(work_dir: Path) -> Workload:
-    """Write the fixed body and the prefix/suffix of the varying one."""
+    """Write the fixed body and the prefixes/suffixes of the varying ones."""
     jpeg, quality = photo_jpeg()
-    data_uri = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    data_uri = DATA_URI_HEAD + base64.b64encode(jpeg).decode()
     request = {
         "model": "qwen3-vl-8b-instruct",
         "messages": [
@@ -136,13 +138,25 @@ def make_workload(work_dir: Path) -> Workload:
     text = json.dumps(request)
     prefix, suffix = text.split(MARKER)
     body = (prefix + "fixed" + suffix).encode()
-    paths = {name: work_dir / f"{name}.json" for name in ("body", "prefix", "suffix")}
+    # A new picture per request: the photo with a 12-byte JPEG comment (COM) segment right after
+    # its start-of-image marker. Those 12 bytes are base64 characters 8-23 of the data URI's
+    # payload, which wrk replaces with 16 digits per request: a valid JPEG each time, another
+    # SHA-256, the same pixels.
+    commented = base64.b64encode(jpeg[:2] + b"\xff\xfe\x00\x0e" + bytes(12) + jpeg[2:]).decode()
+    fixed_text = json.dumps(request).replace(MARKER, "fixed")
+    photo_prefix, photo_suffix = fixed_text.replace(
+        data_uri, DATA_URI_HEAD + commented[:8] + MARKER + commented[24:]
+    ).split(MARKER)
+    texts = {"prefix": prefix, "suffix": suffix, "photo-prefix": photo_prefix}
+    texts["photo-suffix"] = photo_suffix
+    paths = {name: work_dir / f"{name}.json" for name in ("body", *texts)}
     paths["body"].write_bytes(body)
-    paths["prefix"].write_text(prefix)
-    paths["suffix"].write_text(suffix)
+    for name, value in texts.items():
+        paths[name].write_text(value)
     return Workload(
         fixed=c.Body(path=paths["body"]),
         varying=c.Body(prefix=paths["prefix"], suffix=paths["suffix"]),
+        new_photo=c.Body(prefix=paths["photo-prefix"], suffix=paths["photo-suffix"], digits=True),
         body=body,
         jpeg_bytes=len(jpeg),
         jpeg_quality=quality,
@@ -205,6 +219,7 @@ class Bench:
             path=CHAT_PATH,
             limit=limit,
             expect_cache=expect,
+            run=self._runs,
             raw_path=raw,
         )
 
@@ -286,6 +301,7 @@ class ProxyFigures:
     level: str
     hit: Measured
     miss: Measured
+    miss_new_photo: Measured
     throughput: Measured
     upstream_calls_in_hit_phase: int
 
@@ -301,7 +317,9 @@ def measure_proxy(bench: Bench, server: c.Server, upstream: c.Server, level: str
     hit_calls = c.upstream_posts(upstream.port) - before
     with c.timed(f"vlcache {level}: miss latency, 1 client"):
         miss = bench.latency(server, bench.workload.varying, expect="MISS")
-    return ProxyFigures(level, hit, miss, throughput, hit_calls)
+    with c.timed(f"vlcache {level}: miss latency with a new photo each time, 1 client"):
+        new_photo = bench.latency(server, bench.workload.new_photo, expect="MISS")
+    return ProxyFigures(level, hit, miss, new_photo, throughput, hit_calls)
 
 
 @dataclass(frozen=True)
@@ -370,13 +388,13 @@ def latency_table(
         )
     d = direct.run
     for p in proxies:
-        miss = p.miss.run
-        lines.append(
-            f"| miss-path overhead over direct ({p.level}) "
-            f"| {ms(miss.p50_us - d.p50_us)} | {ms(miss.p90_us - d.p90_us)} "
-            f"| {ms(miss.p99_us - d.p99_us)} | {ms(miss.p999_us - d.p999_us)} "
-            f"| | {ms(miss.mean_us - d.mean_us)} | | | | |"
-        )
+        for what, miss in (("", p.miss.run), (", new photo", p.miss_new_photo.run)):
+            lines.append(
+                f"| miss-path overhead over direct ({p.level}{what}) "
+                f"| {ms(miss.p50_us - d.p50_us)} | {ms(miss.p90_us - d.p90_us)} "
+                f"| {ms(miss.p99_us - d.p99_us)} | {ms(miss.p999_us - d.p999_us)} "
+                f"| | {ms(miss.mean_us - d.mean_us)} | | | | |"
+            )
     return "\n".join(lines)
 
 
@@ -422,6 +440,17 @@ def targets_table(proxies: list[ProxyFigures], direct: Measured, floor: Measured
             (
                 f"{ms(p.miss.run.p50_us - d.p50_us)} ms",
                 p.miss.run.p50_us - d.p50_us <= MISS_OVERHEAD_P50_MS * 1000,
+            )
+            for p in proxies
+        ],
+    )
+    row(
+        f"the same, a new photo each miss (not the issue's workload) p50 <= "
+        f"{MISS_OVERHEAD_P50_MS:g} ms",
+        [
+            (
+                f"{ms(p.miss_new_photo.run.p50_us - d.p50_us)} ms",
+                p.miss_new_photo.run.p50_us - d.p50_us <= MISS_OVERHEAD_P50_MS * 1000,
             )
             for p in proxies
         ],
@@ -580,7 +609,11 @@ def report(
     """The markdown section: command, date, machine, tables."""
     lat_rows = [("floor server", floor_latency), ("upstream double, direct", direct_latency)]
     for p in proxies:
-        lat_rows += [(f"vlcache hit ({p.level})", p.hit), (f"vlcache miss ({p.level})", p.miss)]
+        lat_rows += [
+            (f"vlcache hit ({p.level})", p.hit),
+            (f"vlcache miss ({p.level})", p.miss),
+            (f"vlcache miss, new photo ({p.level})", p.miss_new_photo),
+        ]
     tp_rows = [("floor server", floor_tp), ("upstream double, direct", direct_tp)]
     tp_rows += [(f"vlcache hit ({p.level})", p.throughput) for p in proxies]
     hit_calls = ", ".join(f"{p.level}: {p.upstream_calls_in_hit_phase}" for p in proxies)
@@ -599,12 +632,16 @@ def report(
         "it is near 0).",
         *noise_warning(
             [floor_latency, direct_latency, floor_tp, direct_tp]
-            + [m for p in proxies for m in (p.hit, p.miss, p.throughput)]
+            + [m for p in proxies for m in (p.hit, p.miss, p.miss_new_photo, p.throughput)]
         ),
         "",
         f"Workload: one {workload.jpeg_bytes / 1024:.0f} KB JPEG (900x700, quality "
         f"{workload.jpeg_quality}) as a base64 data URI in an OpenAI chat request "
-        f"({len(workload.body) / 1024:.0f} KB body), same body every request. Latency: wrk "
+        f"({len(workload.body) / 1024:.0f} KB body). Hits and the direct and floor rows send the "
+        "same body every request; `miss` rows the same photo with a new question each time "
+        "(the issue's workload: a miss whose picture was seen before, as in every later turn of "
+        "a conversation about it); `miss, new photo` rows the same question with a new picture "
+        "each time (16 base64 digits in a JPEG comment segment). Latency: wrk "
         f"`-t1 -c1`, {args.warmup} warm-up then {args.requests} sequential requests, each "
         "timed in wrk's Lua with CLOCK_MONOTONIC from its write to the last byte of its answer "
         "(not wrk's histogram: its coordinated-omission correction turns one 100 ms stall into "
