@@ -166,13 +166,15 @@ class Keyer:
 class KnownBodies:
     """Keyed calls by the exact bytes of their request body: a repeat skips parse and hashing.
 
-    An app that sends the same photo and question again sends the same bytes. A body of up to
-    ``inline`` bytes is found on the event loop by a fast non-cryptographic hash (xxh3, ~10 GB/s)
-    within its scope (namespace, stream form) and confirmed by comparing the whole body (a
-    memcmp), so a hash collision, chance or crafted, costs one comparison and can never serve
-    another request's call; such bodies are kept. A larger body is keyed by its SHA-256, computed
-    in a worker thread (hashlib releases the GIL), and not kept. Least recently used first out,
-    up to ``max_bytes`` of kept bodies.
+    An app that sends the same photo and question again sends the same bytes. The service keeps
+    a body once the exact tier answered it (at its first repeat), not at first sight: most
+    misses are never sent again, and keeping every one cost each miss ~150-200 us here (paired
+    A/B, bench/RESULTS.md, session 6). A body of up to ``inline`` bytes is found on the event
+    loop by a fast non-cryptographic hash (xxh3, ~10 GB/s) within its scope (namespace, stream
+    form) and confirmed by comparing the whole body (a memcmp), so a hash collision, chance or
+    crafted, costs one comparison and can never serve another request's call; such bodies are
+    kept. A larger body is keyed by its SHA-256, computed in a worker thread (hashlib releases
+    the GIL), and not kept. Least recently used first out, up to ``max_bytes`` of kept bodies.
     """
 
     def __init__(self, max_bytes: int, inline: int) -> None:

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 # _INLINE_BODY bytes are kept and looked up on the event loop, up to _KNOWN_BODY_BYTES in all.
 _KNOWN_BODY_BYTES = 64 * 2**20
 _INLINE_BODY = 2**20
+# Identical requests in flight one waits for before asking the model itself.
+_LEADERS_FOLLOWED = 2
 
 
 class CacheService:
@@ -122,17 +124,23 @@ class CacheService:
             return await self._pass_through(request, body)
         if call is None:
             return await self._pass_through(request, body)
-        self._known_bodies.put(body_key, body, call)
         # A known body was looked up above under this very exact key: a miss there is a miss here.
         if call.lookup and not looked_up:
             served = await self._serve_exact(request, body, call, started)
             if served is not None:
+                # Answered by the exact tier: its next repeats skip the parse.
+                self._known_bodies.put(body_key, body, call)
                 return served
-        if call.exact_key in self._inflight:
+        for _ in range(_LEADERS_FOLLOWED):
+            if call.exact_key not in self._inflight:
+                break
             followed = await self._follow_leader(request, body, call, started)
             if followed is not None:
                 return followed
-            # The leader's answer could not be shared (error, not cacheable): ask ourselves.
+            # The leader's answer could not be shared (error, not cacheable, leader gone): the
+            # first follower to wake leads the next attempt, the others follow it.
+        else:
+            # Leader after leader could not share: ask ourselves.
             try:
                 response, _ = await self._answer_miss(request, body, call, started)
                 return response
