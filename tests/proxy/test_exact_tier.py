@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestServer
 
+import proxy.calls as proxy_calls
 from tests.conftest import data_uri, jpeg_bytes, native_chat, openai_chat
 from tests.fakes import FakeUpstream
 
@@ -158,3 +162,30 @@ async def test_image_url_is_fetched_and_keyed_by_its_bytes(
     assert headers["X-Cache"] == "HIT"
     _, headers, _ = await post(client, proxy, ask("c"))
     assert headers["X-Cache"] == "MISS"
+
+
+async def test_a_body_is_kept_from_its_first_exact_hit_on_and_then_skips_the_parse(
+    proxy: TestServer,
+    upstream: tuple[FakeUpstream, TestServer],
+    client: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake, _ = upstream
+    parsed: list[bytes] = []
+    real_parse = proxy_calls.parse_chat
+
+    def counted(body: bytes, **kwargs: Any) -> Any:
+        parsed.append(body)
+        return real_parse(body, **kwargs)
+
+    monkeypatch.setattr(proxy_calls, "parse_chat", counted)
+    request = openai_chat("Which charger fits this phone?", data_uri(jpeg_bytes(3)))
+    caches = []
+    for _ in range(4):
+        _, headers, _ = await post(client, proxy, request)
+        caches.append(headers["X-Cache"])
+    # The miss and the first hit are parsed; the hit keeps the body, so the repeats after it
+    # are found by their bytes alone.
+    assert caches == ["MISS", "HIT", "HIT", "HIT"]
+    assert len(parsed) == 2
+    assert len(fake.chat_calls) == 1
