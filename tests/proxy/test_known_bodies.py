@@ -112,17 +112,19 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> CountedHash:
     return hashing
 
 
-async def test_a_picture_sent_again_with_a_new_question_is_hashed_once(
+async def test_a_picture_sent_again_and_again_is_hashed_twice(
     keyer: Keyer, counted: CountedHash
 ) -> None:
     picture = b"\xff\xd8" + bytes(range(256)) * 40
-    first = await keyed(keyer, chat("What is this?", picture))
-    again = await keyed(keyer, chat("What does it cost?", picture))
+    questions = ["What is this?", "What does it cost?", "Is it new?", "Does it fold?"]
+    calls = [await keyed(keyer, chat(question, picture)) for question in questions]
     other = await keyed(keyer, chat("What is this?", picture[:-1] + b"\x01"))
-    assert counted.hashed == [picture, picture[:-1] + b"\x01"]
-    assert first.image_digests == again.image_digests == (hashlib.sha256(picture).hexdigest(),)
-    assert other.image_digests != first.image_digests
-    assert first.exact_key != again.exact_key
+    # Seen once: hashed, only its xxh3 kept; seen again: hashed and kept; then found.
+    assert counted.hashed == [picture, picture, picture[:-1] + b"\x01"]
+    digest = hashlib.sha256(picture).hexdigest()
+    assert all(call.image_digests == (digest,) for call in calls)
+    assert other.image_digests != calls[0].image_digests
+    assert len({call.exact_key for call in calls}) == len(questions)
 
 
 def test_a_colliding_picture_gets_its_own_digest(
@@ -131,10 +133,12 @@ def test_a_colliding_picture_gets_its_own_digest(
     # Every picture hashes to the same xxh3 value (a chance or crafted collision).
     monkeypatch.setattr(proxy.calls.xxhash, "xxh3_64_intdigest", lambda data: 7)
     digests = ImageDigests(max_bytes=1 << 20)
-    pictures = [b"\xff\xd8 one", b"\xff\xd8 two", b"\xff\xd8 one"]
+    pictures = [b"\xff\xd8 one", b"\xff\xd8 one", b"\xff\xd8 two", b"\xff\xd8 one"]
     found = [digests.digest("ns", picture) for picture in pictures]
     assert found == [hashlib.sha256(picture).hexdigest() for picture in pictures]
-    assert counted.hashed == pictures  # each comparison failed: hashed afresh
+    # "one" is kept at its second sighting; "two" fails the comparison and is hashed afresh
+    # (and kept in its place), so "one" is hashed again.
+    assert counted.hashed == pictures
 
 
 def test_pictures_are_remembered_per_namespace_within_a_byte_budget(
@@ -142,11 +146,26 @@ def test_pictures_are_remembered_per_namespace_within_a_byte_budget(
 ) -> None:
     pictures = [bytes([n]) * 1000 for n in range(4)]
     digests = ImageDigests(max_bytes=3000)
-    for picture in pictures[:3]:
-        digests.digest("ns", picture)
-    digests.digest("ns", pictures[0])  # kept, and now the most recently used
-    digests.digest("other tenant", pictures[0])  # another namespace hashes its own copy
-    assert counted.hashed == [*pictures[:3], pictures[0]]
-    digests.digest("ns", pictures[3])  # the budget is full: pictures[1] and [2] went out
+    for picture in pictures[:3] * 2:
+        digests.digest("ns", picture)  # seen twice: all three kept, the budget is full
+    assert len(counted.hashed) == 6
+    digests.digest("ns", pictures[0])  # found, and now the most recently used
+    digests.digest("other tenant", pictures[0])  # another namespace sees it for the first time
+    assert len(counted.hashed) == 7
+    digests.digest("ns", pictures[3])
+    digests.digest("ns", pictures[3])  # kept: pictures[1], the least recently used, went out
+    digests.digest("ns", pictures[0])
     digests.digest("ns", pictures[2])
-    assert counted.hashed[-2:] == [pictures[3], pictures[2]]
+    digests.digest("ns", pictures[1])
+    assert counted.hashed[7:] == [pictures[3], pictures[3], pictures[1]]
+
+
+def test_pictures_seen_once_are_bounded_in_number(counted: CountedHash) -> None:
+    digests = ImageDigests(max_bytes=1 << 20, max_seen=2)
+    pictures = [bytes([n]) * 100 for n in range(3)]
+    for picture in pictures:
+        digests.digest("ns", picture)  # the first one's hash went out
+    digests.digest("ns", pictures[0])  # a first sighting again: not kept
+    digests.digest("ns", pictures[2])  # a second sighting: kept
+    digests.digest("ns", pictures[2])
+    assert counted.hashed == [*pictures, pictures[0], pictures[2]]
