@@ -168,12 +168,12 @@ class KnownBodies:
 
     An app that sends the same photo and question again sends the same bytes. The service keeps
     a body once the exact tier answered it (at its first repeat), not at first sight: most
-    misses are never sent again, and keeping every one cost each miss ~150-200 us here (paired
-    A/B, bench/RESULTS.md, session 6). A body of up to ``inline`` bytes is found on the event
-    loop by a fast non-cryptographic hash (xxh3, ~10 GB/s) within its scope (namespace, stream
-    form) and confirmed by comparing the whole body (a memcmp), so a hash collision, chance or
-    crafted, costs one comparison and can never serve another request's call; such bodies are
-    kept. A larger body is keyed by its SHA-256, computed in a worker thread (hashlib releases
+    misses are never sent again, and a run of them would push out the bodies that do come
+    back. A body of up to ``inline`` bytes is found on the event loop by a fast
+    non-cryptographic hash (xxh3, ~10 GB/s) within its scope (namespace, stream form) and
+    confirmed by comparing the whole body (a memcmp), so a hash collision, chance or crafted,
+    costs one comparison and can never serve another request's call; such bodies are kept. A
+    larger body is keyed by its SHA-256, computed in a worker thread (hashlib releases
     the GIL), and not kept. Least recently used first out, up to ``max_bytes`` of kept bodies.
     """
 
@@ -209,8 +209,8 @@ class ImageDigests:
     Apps send the same picture many times: every turn of a conversation about a photo carries
     it again, and a product photo comes back with new questions. Each of those requests is a
     miss whose image would be hashed anew (~85-110 us for a 150 KB photo here). A picture's
-    bytes are kept from its second sighting on (a picture seen once leaves only its hash: keeping
-    every new picture cost each miss ~0.15 ms here, as keeping every body did). A kept picture
+    bytes are kept from its second sighting on (one seen once leaves only its xxh3), so that a
+    run of one-off pictures does not push out the ones that come back. A kept picture
     is found by xxh3 of its bytes within its namespace and confirmed by comparing the bytes (a
     memcmp, as ``KnownBodies`` does), so a collision only costs one comparison. Per namespace,
     so that how fast a miss is says nothing about other tenants' pictures. Least recently used

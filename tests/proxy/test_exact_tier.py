@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
 import proxy.calls as proxy_calls
-from tests.conftest import data_uri, jpeg_bytes, native_chat, openai_chat
+import proxy.service as proxy_service
+from tests.conftest import ProxyFactory, data_uri, jpeg_bytes, native_chat, openai_chat
 from tests.fakes import FakeUpstream
 
 KEY_A = {"Authorization": "Bearer sk-tenant-a"}
@@ -189,3 +191,32 @@ async def test_a_body_is_kept_from_its_first_exact_hit_on_and_then_skips_the_par
     assert caches == ["MISS", "HIT", "HIT", "HIT"]
     assert len(parsed) == 2
     assert len(fake.chat_calls) == 1
+
+
+async def test_a_run_of_one_off_misses_does_not_push_out_a_body_that_repeats(
+    make_proxy: ProxyFactory,
+    upstream: tuple[FakeUpstream, TestServer],
+    client: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parsed: list[bytes] = []
+    real_parse = proxy_calls.parse_chat
+
+    def counted(body: bytes, **kwargs: Any) -> Any:
+        parsed.append(body)
+        return real_parse(body, **kwargs)
+
+    monkeypatch.setattr(proxy_calls, "parse_chat", counted)
+    photo = data_uri(jpeg_bytes(4))
+    hot = openai_chat("Is this the black model?", photo)
+    # Room for about three bodies of this size.
+    monkeypatch.setattr(proxy_service, "_KNOWN_BODY_BYTES", 3 * len(orjson.dumps(hot)) + 100)
+    proxy = await make_proxy()
+    assert [(await post(client, proxy, hot))[1]["X-Cache"] for _ in range(2)] == ["MISS", "HIT"]
+    for n in range(6):
+        _, headers, _ = await post(client, proxy, openai_chat(f"One-off question {n}?", photo))
+        assert headers["X-Cache"] == "MISS"
+    before = len(parsed)
+    _, headers, _ = await post(client, proxy, hot)
+    assert headers["X-Cache"] == "HIT"
+    assert len(parsed) == before  # still known by its bytes

@@ -169,3 +169,16 @@ def test_pictures_seen_once_are_bounded_in_number(counted: CountedHash) -> None:
     digests.digest("ns", pictures[2])  # a second sighting: kept
     digests.digest("ns", pictures[2])
     assert counted.hashed == [*pictures, pictures[0], pictures[2]]
+
+
+def test_a_run_of_one_off_pictures_does_not_push_out_one_that_comes_back(
+    counted: CountedHash,
+) -> None:
+    digests = ImageDigests(max_bytes=2500)
+    hot = b"\xff" * 1000
+    digests.digest("ns", hot)
+    digests.digest("ns", hot)  # kept
+    for n in range(10):
+        digests.digest("ns", bytes([n]) * 1000)  # seen once each: never kept
+    digests.digest("ns", hot)
+    assert counted.hashed.count(hot) == 2
