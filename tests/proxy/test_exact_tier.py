@@ -166,21 +166,27 @@ async def test_image_url_is_fetched_and_keyed_by_its_bytes(
     assert headers["X-Cache"] == "MISS"
 
 
+@pytest.fixture
+def parsed(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The request bodies the proxy parsed, in order."""
+    bodies: list[bytes] = []
+    real_parse = proxy_calls.parse_chat
+
+    def counted(body: bytes, **kwargs: Any) -> Any:
+        bodies.append(body)
+        return real_parse(body, **kwargs)
+
+    monkeypatch.setattr(proxy_calls, "parse_chat", counted)
+    return bodies
+
+
 async def test_a_body_is_kept_from_its_first_exact_hit_on_and_then_skips_the_parse(
     proxy: TestServer,
     upstream: tuple[FakeUpstream, TestServer],
     client: aiohttp.ClientSession,
-    monkeypatch: pytest.MonkeyPatch,
+    parsed: list[bytes],
 ) -> None:
     fake, _ = upstream
-    parsed: list[bytes] = []
-    real_parse = proxy_calls.parse_chat
-
-    def counted(body: bytes, **kwargs: Any) -> Any:
-        parsed.append(body)
-        return real_parse(body, **kwargs)
-
-    monkeypatch.setattr(proxy_calls, "parse_chat", counted)
     request = openai_chat("Which charger fits this phone?", data_uri(jpeg_bytes(3)))
     caches = []
     for _ in range(4):
@@ -198,15 +204,8 @@ async def test_a_run_of_one_off_misses_does_not_push_out_a_body_that_repeats(
     upstream: tuple[FakeUpstream, TestServer],
     client: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
+    parsed: list[bytes],
 ) -> None:
-    parsed: list[bytes] = []
-    real_parse = proxy_calls.parse_chat
-
-    def counted(body: bytes, **kwargs: Any) -> Any:
-        parsed.append(body)
-        return real_parse(body, **kwargs)
-
-    monkeypatch.setattr(proxy_calls, "parse_chat", counted)
     photo = data_uri(jpeg_bytes(4))
     hot = openai_chat("Is this the black model?", photo)
     # Room for about three bodies of this size.
