@@ -232,7 +232,6 @@ def _decode_image(header: str, payload: str | memoryview, max_bytes: int) -> byt
 _LIFTED = "\0"
 _LIFT_MIN_BYTES = 1024
 _LIFT_HEADER_BYTES = 256
-_QUOTE, _BACKSLASH = 0x22, 0x5C
 
 
 class _NotLifted(Exception):
@@ -243,12 +242,14 @@ def _lift_data_uris(body: bytes) -> tuple[bytes, tuple[memoryview, ...]] | None:
     """``body`` with its long data URI strings replaced by tokens, and those strings' bytes;
     None when there is nothing to lift.
 
-    A string is lifted only when replacing it with another string token cannot change how the
-    body parses: it opens with an unescaped quote (so it is a string token, or the body was no
-    JSON before and is none after), holds no backslash (so the next quote closes it), is not an
-    object key, and its header before the comma is short printable ASCII. Its payload is only
-    checked when it is decoded as base64 (``_decode_lifted``), which accepts nothing that a JSON
-    string could not hold; a lifted string that is not decoded as an image undoes the lifting.
+    What is lifted runs from a quote before ``data:`` to the next quote, holds no backslash and
+    starts with a short printable ASCII header before its comma; its payload is checked when it
+    is decoded as base64 (``_decode_lifted``), which accepts nothing a JSON string could not
+    hold. Where that quote opens a string, the lifted bytes are that whole string as it parses,
+    and a token in its place parses alike. Where it does not (it is escaped inside another
+    string, or the body is no JSON), the token is no string of its own, so it cannot be an
+    image's URL: the parse ends with a token unused, and the body is parsed as it came. So does
+    a token used as an object key, or as any value but an image's URL.
     """
     start = body.find(b'"data:')
     if start < 0:
@@ -280,22 +281,14 @@ def _lift_data_uris(body: bytes) -> tuple[bytes, tuple[memoryview, ...]] | None:
 def _liftable(body: bytes, start: int, end: int) -> bool:
     if end - start < _LIFT_MIN_BYTES:
         return False
-    escapes = 0
-    while start - escapes > 0 and body[start - escapes - 1] == _BACKSLASH:
-        escapes += 1
-    if escapes % 2:
-        return False  # an escaped quote: inside another string
     comma = body.find(b",", start, min(end, start + _LIFT_HEADER_BYTES))
     if comma < 0 or not body[start + 1 : comma].isascii():
         return False
     if any(byte < 0x20 for byte in body[start + 1 : comma]):
-        return False
-    if body.find(b"\\", start, end) >= 0:
-        return False
-    after = end + 1
-    while after < len(body) and body[after] in b" \t\r\n":
-        after += 1
-    return after == len(body) or body[after] != ord(":")
+        return False  # a raw control character: the body is no JSON
+    # An escape would make the lifted bytes differ from the string they spell (the header's
+    # "image/\u0073vg" is an SVG), and an escaped quote could be the one that ends them.
+    return body.find(b"\\", start, end) < 0
 
 
 def _decode_lifted(uri: memoryview, max_bytes: int) -> bytes:

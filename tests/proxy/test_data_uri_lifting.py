@@ -58,8 +58,8 @@ uris = st.builds(
         ]
     ),
     st.integers(0, 255),
-    st.sampled_from([600, 800, 3000, 5000]),  # under and over the lift size; over the limit
-    st.sampled_from(["", "=", "==", "!", " ", "\n", "\\", '"', "\u0000", "é"]),
+    st.sampled_from([600, 3000, 3000, 3000, 5000]),  # under and over the lift size and the limit
+    st.sampled_from(["", "", "", "", "", "=", "==", "!", " ", "\n", "\\", '"', "\u0000", "é"]),
 )
 texts = st.one_of(st.text(max_size=12), uris, st.just("\u0000"), st.just("a\\u0000"))
 parts = st.one_of(
@@ -78,7 +78,9 @@ messages = st.fixed_dictionaries(
     }
 )
 extras = st.dictionaries(
-    st.one_of(st.text(max_size=5), uris), st.one_of(texts, st.integers()), max_size=2
+    st.one_of(st.text(max_size=5), uris),
+    st.one_of(texts, st.integers(-(2**63), 2**63 - 1)),
+    max_size=2,
 )
 openai_docs = st.builds(
     lambda model, msgs, more: {"model": model, "messages": msgs, **more},
@@ -118,14 +120,45 @@ def damage(body: bytes, how: str, at: int) -> bytes:
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.one_of(openai_docs, native_docs),
-    st.sampled_from(["orjson", "spaced", "ascii", "slashes"]),
-    st.sampled_from(["none", "none", "cut", "nul", "quote", "newline"]),
+    st.sampled_from(["orjson", "orjson", "spaced", "ascii", "slashes"]),
+    st.sampled_from(["none", "none", "none", "cut", "nul", "quote", "newline"]),
     st.integers(0, 2**20),
 )
 def test_lifting_never_changes_what_a_body_parses_to(
     doc: object, style: str, how: str, at: int
 ) -> None:
     body = damage(serialise(doc, style), how, at)
+    assert lifted(body) == as_sent(body)
+
+
+good_uris = st.builds(
+    lambda head, seed, size: head + photo(seed, size),
+    st.sampled_from(["data:image/jpeg;base64,", "data:image/png;name=a.png;base64,"]),
+    st.integers(0, 255),
+    st.integers(800, 3000),
+)
+good_parts = st.one_of(
+    st.fixed_dictionaries(
+        {"type": st.just("image_url"), "image_url": st.fixed_dictionaries({"url": good_uris})}
+    ),
+    st.fixed_dictionaries({"image": good_uris}),
+    st.fixed_dictionaries(
+        # Any text but a NUL (a body that spells one is parsed as it came, tested above).
+        {"type": st.just("text"), "text": st.text(max_size=12).filter(lambda t: "\0" not in t)}
+    ),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(good_parts, min_size=1, max_size=4).filter(
+        lambda parts: any("text" not in part for part in parts)
+    ),
+    st.sampled_from(["orjson", "spaced", "ascii"]),
+)
+def test_inline_images_are_lifted_and_parse_as_sent(parts: list[object], style: str) -> None:
+    body = serialise({"model": "qwen3-vl", "messages": [{"role": "user", "content": parts}]}, style)
+    assert _lift_data_uris(body) is not None
     assert lifted(body) == as_sent(body)
 
 
@@ -172,6 +205,39 @@ def test_data_uris_that_are_not_images_parse_as_sent(body: bytes) -> None:
     assert lifted(body) == as_sent(body)
     outcome_kind, request = lifted(body)
     assert outcome_kind == "parsed" and request is not None
+
+
+def handmade(url: str, text: str = "What is this?") -> bytes:
+    """A chat body written by hand (JSON escapes that no writer above produces)."""
+    return (
+        '{"model": "qwen3-vl", "messages": [{"role": "user", "content": ['
+        f'{{"type": "image_url", "image_url": {{"url": "{url}"}}}}, '
+        f'{{"type": "text", "text": "{text}"}}]}}]}}'
+    ).encode()
+
+
+PAYLOAD = photo(2, 3000)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # An escape in the header: "image/\u0073vg" is an SVG (refused), whatever the bytes say.
+        (handmade("data:image/\\u0073vg+xml;base64," + PAYLOAD), "refused"),
+        # A raw control character in the header: no JSON, so no chat.
+        (handmade("data:image/jpeg;\x01;base64," + PAYLOAD), None),
+        # The body's own "\u00000" poses as a token in an image's place; the data URI is text.
+        (handmade("\\u00000", "data:image/jpeg;base64," + PAYLOAD), "refused"),
+        # A header that is not ASCII is left for orjson to read.
+        (handmade("data:image/jpég;base64," + PAYLOAD), "parsed"),
+        # An escaped slash, as PHP writes them: a picture all the same.
+        (handmade("data:image\\/jpeg;base64," + PAYLOAD), "parsed"),
+    ],
+)
+def test_escapes_and_stray_bytes_parse_as_sent(body: bytes, expected: str | None) -> None:
+    assert lifted(body) == as_sent(body)
+    kind, request = lifted(body)
+    assert (None if kind == "parsed" and request is None else kind) == expected
 
 
 def test_a_corrupt_lifted_image_is_refused_with_the_reason_of_the_body_as_sent() -> None:
