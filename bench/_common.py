@@ -321,22 +321,9 @@ FLOOR_ANSWER = json.dumps(
 ).encode()
 
 
-def serve_floor(port: int, loop: str = "asyncio") -> None:
-    """The floor: read the whole request body, answer a fixed small JSON (until SIGTERM).
-
-    ``loop``: "asyncio" (asyncio's own event loop) or "uvloop", as ``vlcache serve
-    --event-loop`` chooses.
-    """
-    import asyncio
-
+def serve_floor(port: int) -> None:
+    """The floor: read the whole request body, answer a fixed small JSON (until SIGTERM)."""
     from aiohttp import web
-
-    if loop == "uvloop":
-        import uvloop
-
-        event_loop = uvloop.new_event_loop()
-    else:
-        event_loop = asyncio.new_event_loop()
 
     async def answer(request: web.Request) -> web.Response:
         await request.read()
@@ -344,7 +331,7 @@ def serve_floor(port: int, loop: str = "asyncio") -> None:
 
     app = web.Application(client_max_size=256 * 1024 * 1024)
     app.router.add_route("*", "/{tail:.*}", answer)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, loop=event_loop)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
 def upstream_posts(port: int) -> int:

@@ -8,8 +8,7 @@ Three kinds of server, each in its own process, all on 127.0.0.1:
 - vlcache: ``vlcache serve --upstream <double>``, once at ``--log-level WARNING`` and once at
   ``INFO`` (the default, one log line per request), each with a fresh data directory;
 - the floor: a trivial aiohttp server that reads the whole body and answers a fixed small JSON,
-  what any Python proxy stands on; once on asyncio's own event loop and once on uvloop (vlcache
-  serves on uvloop where it is installed), and the targets compare with the faster of the two.
+  what any Python proxy stands on.
 
 Every request carries the same ~150 KB photo-like JPEG as a base64 data URI in an OpenAI chat
 request (``Authorization: Bearer bench``). After one priming request every request to vlcache with
@@ -600,26 +599,22 @@ def report(
     facts: dict[str, str],
     background: float,
     direct_latency: Measured,
-    floor_latency: dict[str, Measured],
+    floor_latency: Measured,
     proxies: list[ProxyFigures],
     direct_tp: Measured,
-    floor_tp: dict[str, Measured],
+    floor_tp: Measured,
     profile_text: str | None,
     started: float,
 ) -> str:
     """The markdown section: command, date, machine, tables."""
-    # The floor the targets use: the faster trivial server (vlcache runs on either loop).
-    floor = max(floor_tp.values(), key=lambda m: m.run.rate)
-    lat_rows = [(f"floor server ({loop})", m) for loop, m in floor_latency.items()]
-    lat_rows.append(("upstream double, direct", direct_latency))
+    lat_rows = [("floor server", floor_latency), ("upstream double, direct", direct_latency)]
     for p in proxies:
         lat_rows += [
             (f"vlcache hit ({p.level})", p.hit),
             (f"vlcache miss ({p.level})", p.miss),
             (f"vlcache miss, new photo ({p.level})", p.miss_new_photo),
         ]
-    tp_rows = [(f"floor server ({loop})", m) for loop, m in floor_tp.items()]
-    tp_rows.append(("upstream double, direct", direct_tp))
+    tp_rows = [("floor server", floor_tp), ("upstream double, direct", direct_tp)]
     tp_rows += [(f"vlcache hit ({p.level})", p.throughput) for p in proxies]
     hit_calls = ", ".join(f"{p.level}: {p.upstream_calls_in_hit_phase}" for p in proxies)
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -636,7 +631,7 @@ def report(
         "columns show what they took during each run (noise: the figures are only clean where "
         "it is near 0).",
         *noise_warning(
-            [*floor_latency.values(), direct_latency, *floor_tp.values(), direct_tp]
+            [floor_latency, direct_latency, floor_tp, direct_tp]
             + [m for p in proxies for m in (p.hit, p.miss, p.miss_new_photo, p.throughput)]
         ),
         "",
@@ -652,15 +647,13 @@ def report(
         "(not wrk's histogram: its coordinated-omission correction turns one 100 ms stall into "
         "~60 phantom samples). Throughput: wrk `-t1 "
         f"-c{args.connections}`, 2 s warm-up then {args.seconds:g} s; wrk shares the "
-        f"{facts['nproc']} cores with the server. The floor is measured on both event loops "
-        "(asyncio's own and uvloop); `vs floor` and the target compare with the faster one. "
-        "Every 1-client hit answer carried "
+        f"{facts['nproc']} cores with the server. Every 1-client hit answer carried "
         f"`X-Cache: HIT`, every miss `X-Cache: MISS`; upstream POSTs during the hit phases "
         f"(after the one priming miss): {hit_calls}.",
         "",
         "### Targets",
         "",
-        targets_table(proxies, direct_latency, floor),
+        targets_table(proxies, direct_latency, floor_tp),
         "",
         "### Latency",
         "",
@@ -668,7 +661,7 @@ def report(
         "",
         "### Throughput",
         "",
-        throughput_table(tp_rows, floor, args.connections),
+        throughput_table(tp_rows, floor_tp, args.connections),
     ]
     if profile_text:
         parts += ["", "### Where the time goes", "", profile_text]
@@ -761,10 +754,7 @@ def main(argv: list[str] | None = None) -> None:
         upstream = procs.start(
             "upstream", c.python_runner("serve_standin", up_port), up_port, ready_path=c.CALLS_PATH
         )
-        floors = {
-            loop: procs.start(f"floor-{loop}", c.python_runner("serve_floor", port, loop), port)
-            for loop, port in (("asyncio", floor_port), ("uvloop", c.free_port()))
-        }
+        floor = procs.start("floor", c.python_runner("serve_floor", floor_port), floor_port)
 
         def start_vlcache(level: str) -> c.Server:
             port = c.free_port()
@@ -777,10 +767,10 @@ def main(argv: list[str] | None = None) -> None:
 
         with c.timed("direct and floor latency, 1 client"):
             direct_latency = bench.latency(upstream, workload.fixed)
-            floor_latency = {loop: bench.latency(f, workload.fixed) for loop, f in floors.items()}
+            floor_latency = bench.latency(floor, workload.fixed)
         with c.timed(f"direct and floor throughput, {args.connections} clients"):
             direct_tp = bench.throughput(upstream, workload.fixed)
-            floor_tp = {loop: bench.throughput(f, workload.fixed) for loop, f in floors.items()}
+            floor_tp = bench.throughput(floor, workload.fixed)
 
         proxies, servers = [], []
         for level in [lv.strip().upper() for lv in args.levels.split(",") if lv.strip()]:

@@ -35,14 +35,12 @@ _TRIM_THRESHOLD = 64 * 2**20
 
 def serve(settings: Settings) -> None:
     """Run the proxy until SIGINT/SIGTERM."""
-    loop = new_event_loop(settings.event_loop)
     log.info(
-        "vlcache listening on http://%s:%d -> %s (db: %s, event loop: %s)",
+        "vlcache listening on http://%s:%d -> %s (db: %s)",
         settings.host,
         settings.port,
         settings.upstream,
         settings.database_url.split("@")[-1],
-        type(loop).__module__.split(".")[0],
     )
     _reuse_freed_memory()
     # One INFO line per chat request comes from the cache service; the access log would double it.
@@ -57,28 +55,10 @@ def serve(settings: Settings) -> None:
             access_log=None,
             print=None,
             shutdown_timeout=30,
-            loop=loop,
         )
     except (ModelLoadError, StoreError, PricingError, OSError) as exc:
         # Start-up failures a person can fix: say what and how, without a traceback.
         raise SystemExit(f"vlcache: cannot start: {exc}") from None
-
-
-def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
-    """The loop ``serve`` runs on: uvloop unless ``choice`` is "asyncio" (or "auto" without it).
-
-    Measured (bench/RESULTS.md, exact-hit path): the same vlcache on uvloop spends less CPU per
-    hit and per miss than on asyncio's own loop, whose sockets and callbacks run in Python.
-    """
-    if choice != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                raise SystemExit("vlcache: --event-loop uvloop: uvloop is not installed") from None
-        else:
-            return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
 
 
 def _admin_listener(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:

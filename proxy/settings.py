@@ -17,7 +17,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EMBEDDERS = ("clip", "efficientnet-lite0", "none")
-EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
 class Settings(BaseSettings):
@@ -217,11 +216,6 @@ class Settings(BaseSettings):
     record_backups: int = Field(
         5, ge=1, description="Rotated --record files kept (PATH.1 is the newest)."
     )
-    event_loop: str = Field(
-        "auto",
-        description="Event loop of serve: uvloop (libuv: less CPU per request), asyncio, or "
-        "auto (uvloop where it is installed, else asyncio).",
-    )
     log_level: str = Field("INFO", description="Logging level: DEBUG, INFO, WARNING or ERROR.")
 
     @field_validator("log_level")
@@ -251,13 +245,6 @@ class Settings(BaseSettings):
     def _known_runtime(cls, value: str) -> str:
         if value not in ("auto", "onnx", "torch"):
             raise ValueError("runtime must be auto, onnx or torch")
-        return value
-
-    @field_validator("event_loop")
-    @classmethod
-    def _known_loop(cls, value: str) -> str:
-        if value not in EVENT_LOOPS:
-            raise ValueError(f"event loop must be one of {', '.join(EVENT_LOOPS)}")
         return value
 
     @field_validator("upstream")

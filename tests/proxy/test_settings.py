@@ -42,8 +42,6 @@ def test_settings_are_frozen_and_validated() -> None:
         Settings(upstream="ftp://nope")
     with pytest.raises(ValidationError):
         Settings(log_level="LOUD")
-    with pytest.raises(ValidationError):
-        Settings(event_loop="tokio")
     assert (
         Settings(db=None, data_dir=Path("/x")).database_url == "sqlite+aiosqlite:////x/vlcache.db"
     )
