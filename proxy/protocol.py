@@ -232,6 +232,10 @@ def _decode_image(header: str, payload: str | memoryview, max_bytes: int) -> byt
 _LIFTED = "\0"
 _LIFT_MIN_BYTES = 1024
 _LIFT_HEADER_BYTES = 256
+# Candidates looked at per body: a chat caches a few images (--max-images), and a body of many
+# short "data:" strings must not keep the loop in this Python loop (those left are parsed as
+# they came, by orjson).
+_LIFT_CANDIDATES = 16
 
 
 class _NotLifted(Exception):
@@ -258,7 +262,7 @@ def _lift_data_uris(body: bytes) -> tuple[bytes, tuple[memoryview, ...]] | None:
     pieces: list[bytes | memoryview] = []
     lifted: list[memoryview] = []
     kept = 0
-    while start >= 0:
+    for _ in range(_LIFT_CANDIDATES):
         end = body.find(b'"', start + 1)
         if end < 0:
             break
@@ -267,6 +271,8 @@ def _lift_data_uris(body: bytes) -> tuple[bytes, tuple[memoryview, ...]] | None:
             lifted.append(view[start + 1 : end])
             kept = end + 1
         start = body.find(b'"data:', end + 1)
+        if start < 0:
+            break
     if not lifted:
         return None
     pieces.append(view[kept:])

@@ -240,6 +240,14 @@ def test_escapes_and_stray_bytes_parse_as_sent(body: bytes, expected: str | None
     assert (None if kind == "parsed" and request is None else kind) == expected
 
 
+def test_many_short_data_strings_are_parsed_as_sent() -> None:
+    # 100,000 "data:" strings, then an image: only the first few candidates are looked at.
+    many = chat(*(["data:"] * 100_000), image(URI))
+    kind, request = lifted(many)
+    assert (kind, request) == as_sent(many)
+    assert request is not None and len(request.images) == 1
+
+
 def test_a_corrupt_lifted_image_is_refused_with_the_reason_of_the_body_as_sent() -> None:
     body = chat(image(URI[:-4] + "!!!!"))
     assert _lift_data_uris(body) is not None
