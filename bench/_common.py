@@ -280,11 +280,17 @@ def serve_standin(port: int, latency: float = 0.0) -> None:
     stand-in's own record of calls is emptied after every request: it keeps whole bodies, and a
     throughput run would otherwise hold gigabytes of them.
     """
-    from aiohttp import web
 
     from proxy.standin import StandIn
 
-    standin = StandIn(latency=latency)
+    run_counted(StandIn(latency=latency), port)
+
+
+def run_counted(standin: Any, port: int) -> None:
+    """Run a ``proxy.standin.StandIn`` (or a subclass) on 127.0.0.1:port, answering
+    ``GET /_bench/calls`` with its POST count and emptying its record after every request."""
+    from aiohttp import web
+
     posts = 0
 
     @web.middleware

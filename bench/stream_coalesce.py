@@ -99,23 +99,7 @@ def serve_paced(port: int, chunks: int, gap: float, prefill: float) -> None:
             await response.write_eof()
             return response
 
-    standin = Paced()
-    posts = 0
-
-    @web.middleware
-    async def count_calls(request: web.Request, handler: Any) -> web.StreamResponse:
-        nonlocal posts
-        if request.path == c.CALLS_PATH:
-            return web.json_response({"posts": posts})
-        try:
-            return await handler(request)
-        finally:
-            posts += len(standin.chat_calls)
-            standin.calls.clear()
-
-    app = standin.app()
-    app.middlewares.append(count_calls)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+    c.run_counted(Paced(), port)
 
 
 def paced_runner(port: int, chunks: int, gap: float, prefill: float) -> list[str]:
