@@ -81,7 +81,7 @@ def parse_chat(
 
 def _parse(
     body: bytes,
-    lifted: tuple[memoryview, ...],
+    lifted: tuple[_Lifted, ...],
     max_images: int,
     max_image_bytes: int,
     sse_requested: bool,
@@ -132,7 +132,7 @@ class _MessageReader:
     """Turns messages into ``Turn``s, collecting their images in order."""
 
     def __init__(
-        self, *, max_images: int, max_image_bytes: int, lifted: tuple[memoryview, ...] = ()
+        self, *, max_images: int, max_image_bytes: int, lifted: tuple[_Lifted, ...] = ()
     ) -> None:
         self.images: list[ImageSource] = []
         self.lifted_used = 0
@@ -184,7 +184,8 @@ class _MessageReader:
         if position >= self._max_images:
             raise Uncacheable(f"more than {self._max_images} images")
         if url.startswith(_LIFTED) and self._lifted:
-            data = _decode_lifted(self._lifted[int(url[1:])], self._max_image_bytes)
+            header, payload = self._lifted[int(url[1:])]
+            data = _decode_image(header, payload, self._max_image_bytes)
             self.lifted_used += 1
             self.images.append(ImageSource(position, data=data))
         elif url.startswith("data:"):
@@ -238,17 +239,21 @@ _LIFT_HEADER_BYTES = 256
 _LIFT_CANDIDATES = 16
 
 
+# A lifted data URI: its header (``data:image/jpeg;base64``) and its payload, in the body.
+_Lifted = tuple[str, memoryview]
+
+
 class _NotLifted(Exception):
     """The lifted parse cannot stand for the whole body's; parse the body as it came."""
 
 
-def _lift_data_uris(body: bytes) -> tuple[bytes, tuple[memoryview, ...]] | None:
-    """``body`` with its long data URI strings replaced by tokens, and those strings' bytes;
-    None when there is nothing to lift.
+def _lift_data_uris(body: bytes) -> tuple[bytes, tuple[_Lifted, ...]] | None:
+    """``body`` with its long data URI strings replaced by tokens, and those strings' header and
+    payload; None when there is nothing to lift.
 
     What is lifted runs from a quote before ``data:`` to the next quote, holds no backslash and
     starts with a short printable ASCII header before its comma; its payload is checked when it
-    is decoded as base64 (``_decode_lifted``), which accepts nothing a JSON string could not
+    is decoded as base64 (``_decode_image``), which accepts nothing a JSON string could not
     hold. Where that quote opens a string, the lifted bytes are that whole string as it parses,
     and a token in its place parses alike. Where it does not (it is escaped inside another
     string, or the body is no JSON), the token is no string of its own, so it cannot be an
@@ -260,15 +265,16 @@ def _lift_data_uris(body: bytes) -> tuple[bytes, tuple[memoryview, ...]] | None:
         return None
     view = memoryview(body)
     pieces: list[bytes | memoryview] = []
-    lifted: list[memoryview] = []
+    lifted: list[_Lifted] = []
     kept = 0
     for _ in range(_LIFT_CANDIDATES):
         end = body.find(b'"', start + 1)
         if end < 0:
             break
-        if _liftable(body, start, end):
+        header = _liftable_header(body, start, end)
+        if header is not None:
             pieces += [view[kept:start], f'"\\u0000{len(lifted)}"'.encode()]
-            lifted.append(view[start + 1 : end])
+            lifted.append((header, view[start + 2 + len(header) : end]))
             kept = end + 1
         start = body.find(b'"data:', end + 1)
         if start < 0:
@@ -284,23 +290,22 @@ def _lift_data_uris(body: bytes) -> tuple[bytes, tuple[memoryview, ...]] | None:
     return reduced, tuple(lifted)
 
 
-def _liftable(body: bytes, start: int, end: int) -> bool:
+def _liftable_header(body: bytes, start: int, end: int) -> str | None:
+    """The header of the string between the quotes at ``start`` and ``end``, if it is liftable."""
     if end - start < _LIFT_MIN_BYTES:
-        return False
+        return None
     comma = body.find(b",", start, min(end, start + _LIFT_HEADER_BYTES))
-    if comma < 0 or not body[start + 1 : comma].isascii():
-        return False
-    if any(byte < 0x20 for byte in body[start + 1 : comma]):
-        return False  # a raw control character: the body is no JSON
+    if comma < 0:
+        return None
+    try:
+        header = body[start + 1 : comma].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if not header.isprintable():
+        return None  # a raw control character: the body is no JSON
     # An escape would make the lifted bytes differ from the string they spell (the header's
     # "image/\u0073vg" is an SVG), and an escaped quote could be the one that ends them.
-    return body.find(b"\\", start, end) < 0
-
-
-def _decode_lifted(uri: memoryview, max_bytes: int) -> bytes:
-    """The image of a lifted data URI (``Uncacheable`` as for ``decode_data_uri``)."""
-    comma = bytes(uri[: _LIFT_HEADER_BYTES + 1]).index(b",")
-    return _decode_image(bytes(uri[:comma]).decode("ascii"), uri[comma + 1 :], max_bytes)
+    return header if body.find(b"\\", start, end) < 0 else None
 
 
 def _nested_deeper(doc: Any, limit: int) -> bool:

@@ -180,7 +180,8 @@ def test_an_inline_image_is_lifted_and_decoded_from_the_body_bytes() -> None:
     found = _lift_data_uris(body)
     assert found is not None
     reduced, strings = found
-    assert len(reduced) < 200 and [bytes(s) for s in strings] == [URI.encode()]
+    assert len(reduced) < 200
+    assert [(header + "," + bytes(payload).decode()) for header, payload in strings] == [URI]
     request = parse_chat(body, max_images=3, max_image_bytes=MAX_IMAGE_BYTES)
     assert request is not None
     assert [i.data for i in request.images] == [base64.b64decode(photo(1, 3000))]
@@ -230,6 +231,8 @@ PAYLOAD = photo(2, 3000)
         (handmade("\\u00000", "data:image/jpeg;base64," + PAYLOAD), "refused"),
         # A header that is not ASCII is left for orjson to read.
         (handmade("data:image/jpég;base64," + PAYLOAD), "parsed"),
+        # ... which refuses one that is not even UTF-8: no JSON, so no chat.
+        (handmade("data:image/jpXg;base64," + PAYLOAD).replace(b"jpXg", b"jp\xffg"), None),
         # An escaped slash, as PHP writes them: a picture all the same.
         (handmade("data:image\\/jpeg;base64," + PAYLOAD), "parsed"),
     ],
