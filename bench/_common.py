@@ -274,21 +274,19 @@ def http_request(
 
 
 def serve_standin(port: int, latency: float = 0.0) -> None:
-    """Run ``proxy.standin.StandIn`` on 127.0.0.1:port (in this process, until SIGTERM).
-
-    ``GET /_bench/calls`` answers ``{"posts": N}``, the POSTs (model runs) seen so far. The
-    stand-in's own record of calls is emptied after every request: it keeps whole bodies, and a
-    throughput run would otherwise hold gigabytes of them.
-    """
-
+    """Run ``proxy.standin.StandIn`` with ``run_counted`` (in this process, until SIGTERM)."""
     from proxy.standin import StandIn
 
     run_counted(StandIn(latency=latency), port)
 
 
 def run_counted(standin: Any, port: int) -> None:
-    """Run a ``proxy.standin.StandIn`` (or a subclass) on 127.0.0.1:port, answering
-    ``GET /_bench/calls`` with its POST count and emptying its record after every request."""
+    """Run a ``proxy.standin.StandIn`` (or a subclass) on 127.0.0.1:port, until SIGTERM.
+
+    ``GET /_bench/calls`` answers ``{"posts": N}``, the POSTs (model runs) seen so far. The
+    stand-in's own record of calls is emptied after every request: it keeps whole bodies, and a
+    throughput run would otherwise hold gigabytes of them.
+    """
     from aiohttp import web
 
     posts = 0
