@@ -29,6 +29,7 @@ from store.records import NewEntry, StoredAnswer
 
 from .accounting import Accounting
 from .calls import CachedCall, Keyer, KnownBodies, cache_directives
+from .claims import MissClaims
 from .errors import BodyTimeout, BodyTooLarge, ClientGone, ProxyError, Uncacheable
 from .failures import FailureLog
 from .freshness import entry_ttl
@@ -76,12 +77,7 @@ class CacheService:
         self._background: set[asyncio.Task[None]] = set()
         self._inflight: dict[str, Flight] = {}
         self._known_bodies = KnownBodies(_KNOWN_BODY_BYTES, _INLINE_BODY)
-        # Misses this process claimed for every process on the database: key -> entry stored?
-        self._claims: dict[str, bool] = {}
-        coalesce = settings.coalesce_across_processes
-        self._coalesce_across = (
-            coalesce if coalesce is not None else settings.database_url.startswith("postgresql")
-        )
+        self._claims = MissClaims(settings, store, self._fail)
 
     async def respond(self, request: web.Request) -> web.StreamResponse:
         """Answer one client request (any method, any path)."""
@@ -145,7 +141,7 @@ class CacheService:
                 response, _ = await self._answer_miss(request, body, call, started)
                 return response
             finally:
-                self._settle_claim(call.exact_key)
+                self._claims.settle(call.exact_key)
         flight = Flight()
         self._inflight[call.exact_key] = flight
         answer = None
@@ -155,7 +151,7 @@ class CacheService:
         finally:
             del self._inflight[call.exact_key]
             flight.land(answer)
-            self._settle_claim(call.exact_key)
+            self._claims.settle(call.exact_key)
 
     async def _follow_leader(
         self, request: web.Request, body: bytes, call: CachedCall, started: float
@@ -201,7 +197,7 @@ class CacheService:
                 # Busy or slow just now: the answer about to be stored still gets its vectors.
                 embedding = self._steps.embed_beside(call)
         try:
-            shared = await self._follow_other_process(call)
+            shared = await self._claims.follow(call)
         except StoreError:
             if isinstance(embedding, asyncio.Task):
                 embedding.cancel()
@@ -215,44 +211,11 @@ class CacheService:
             return response, shared
         return await self._forward_miss(request, body, call, embedding, flight)
 
-    async def _follow_other_process(self, call: CachedCall) -> StoredAnswer | None:
-        """Claim this miss for this process, or wait for the process that holds the claim.
-
-        None means "ask the upstream": the claim is ours, or its holder gave up or died, or
-        cross-process coalescing is off. ``StoreError``: the store cannot say (fail open).
-        """
-        if not self._coalesce_across or not call.lookup or not call.store:
-            return None
-        try:
-            if await self._store.claim(call.exact_key, self._settings.claim_lease):
-                self._claims[call.exact_key] = False
-                return None
-            # A holder renews its claim while its upstream call lasts; never wait longer than
-            # that call itself could.
-            async with asyncio.timeout(self._settings.read_timeout):
-                return await self._store.await_claimed(call.exact_key)
-        except TimeoutError:
-            return None
-
-    def _settle_claim(self, exact_key: str) -> None:
-        """After our miss: a stored entry drops its claim when committed; else drop it now."""
-        stored = self._claims.pop(exact_key, None)
-        if stored is False:
-            task = asyncio.create_task(self._release(exact_key))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
-    async def _release(self, exact_key: str) -> None:
-        try:
-            await self._store.release(exact_key)
-        except StoreError:
-            # Its lease runs out on its own: followers wait at most that long.
-            self._fail("store", "releasing a cross-process claim failed")
-
     async def drain(self) -> None:
-        """Wait for the entries still being stored in the background (at shutdown)."""
+        """Wait for the entries still being stored, and the claims being given up (at shutdown)."""
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        await self._claims.drain()
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole request body, its chunks joined once.
@@ -499,9 +462,7 @@ class CacheService:
     ) -> None:
         """Store a cacheable answer; otherwise stop embedding for it."""
         if entry is not None:
-            if entry.exact_key in self._claims:
-                self._claims[entry.exact_key] = True
-                self._store.storing_claimed(entry.exact_key)
+            self._claims.storing(entry.exact_key)
             self._store_later(entry, embedding)
         elif isinstance(embedding, asyncio.Task):
             embedding.cancel()

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestServer
 
 from proxy.demo import product_photo, reencoded
 from tests.conftest import data_uri, jpeg_bytes, openai_chat, pg_database
-from tests.fakes import FakeUpstream
+from tests.fakes import FakeUpstream, Reply
 from tests.proxy.test_cli import start_serve
 
 KEY = {"Authorization": "Bearer sk-replicas"}
@@ -175,3 +175,26 @@ async def test_a_replica_killed_mid_call_loses_nothing_and_its_followers_take_ov
             "Asked as the leader dies",
             "Stored before the kill",
         ]
+
+
+async def test_a_leaders_uncacheable_answer_frees_other_replicas_followers_at_once(
+    replicas: Callable[..., object], upstream: tuple[FakeUpstream, TestServer]
+) -> None:
+    fake, _ = upstream
+    a = await replicas("--claim-lease", "30")  # type: ignore[misc]
+    b = await replicas("--claim-lease", "30")  # type: ignore[misc]
+    fake.push(Reply(hang=1.0, finish_reason="length"))  # a's call: cut short, not storable
+    async with aiohttp.ClientSession() as client:
+        question = openai_chat("Cut short for the leader", data_uri(jpeg_bytes(64)))
+        on_a = asyncio.ensure_future(a.ask(client, question))
+        await asyncio.sleep(0.3)  # a holds the claim and waits for the model
+        began = time.monotonic()
+        headers = await b.ask(client, question)
+        waited = time.monotonic() - began
+        assert (await on_a)["X-Cache"] == "MISS"
+        # b followed a's claim until a gave it up with nothing stored, then asked the model
+        # itself: at once, not when the 30 s lease ran out.
+        assert headers["X-Cache"] == "MISS"
+        assert 0.4 < waited < 5
+        assert len(fake.chat_calls) == 2
+        assert (await b.ask(client, question))["X-Cache"] == "HIT"  # its own answer was stored
