@@ -13,15 +13,18 @@ each thread count, after waiting for the machine to be quiet (``--quiet`` cores 
 1. semantic hits: one MISS stores a ~150 KB 900x700 photo-like JPEG, ``settle``, then
    ``--hits`` distinct re-encodings (other JPEG quality / chroma subsampling, so never an exact
    hit) are sent one after another; every answer must carry ``X-Cache-Match: semantic``;
-2. the pieces of a hit timed directly, outside the proxy: ``decode_picture``, ``make_thumbnail``,
-   ``embedder.embed`` (batch 1, and through the ``MicroBatcher`` as the proxy does), a
-   ``VectorIndex.search``, ``verify_prepared``, and the SQL reads of a hit (``answer_by_id``;
-   ``thumbnails`` + ``prepare`` on an entry's first hit) on the proxy's own store;
-3. micro-batching: images/s with 16 concurrent submits vs sequential ones, same batcher;
-4. the miss path: a new question (new fingerprint) with the image, so the proxy forwards at
+2. the miss path: a new question (new fingerprint) with the image, so the proxy forwards at
    once and embeds beside the upstream; p50 through vlcache minus p50 of the same bodies sent
    straight to the stand-in. ``settle`` runs (untimed) after each miss, as a real model's
-   800+ ms would let the embedding finish before the next request.
+   800+ ms would let the embedding finish before the next request;
+3. the pieces of a hit timed directly, once the proxy has stopped: ``decode_picture``,
+   ``make_thumbnail``, ``embedder.embed`` (batch 1, and through the ``MicroBatcher`` as the
+   proxy does), a ``VectorIndex.search``, ``verify_prepared``, and the SQL reads of a hit
+   (``answer_by_id``; ``thumbnails`` + ``prepare`` on an entry's first hit) on the proxy's
+   store, reopened. Every torch call of these pieces runs on one thread of their own, and no
+   other thread that ran torch work is alive by then: each such thread keeps an OpenMP team,
+   and two teams on 2 cores slow both (``embeddings.embedder._load``);
+4. micro-batching: images/s with 16 concurrent submits vs sequential ones, same batcher.
 
 Then, per embedder, the two runtimes' vectors are compared on the real photos of the quality set
 (``--equivalence refs``: its 708 reference pictures; ``all``: every picture, edits included;
@@ -42,6 +45,7 @@ import shlex
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -49,7 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -75,12 +79,15 @@ from embeddings.embedder import (  # noqa: E402
 )
 from embeddings.onnx_runtime import MIN_COSINE  # noqa: E402
 from embeddings.verifier import make_thumbnail, prepare, verify_prepared  # noqa: E402
-from proxy.app import STORE, create_app, settle  # noqa: E402
+from proxy.app import create_app, settle  # noqa: E402
 from proxy.batcher import MicroBatcher  # noqa: E402
 from proxy.semantic import decode_picture, embed_batch  # noqa: E402
 from proxy.settings import Settings  # noqa: E402
 from proxy.standin import StandIn  # noqa: E402
+from store.cache import CacheStore  # noqa: E402
 from store.index import VectorIndex  # noqa: E402
+
+T = TypeVar("T")
 
 TITLE = "Semantic tier speed (issue 3)"
 CHAT = "/v1/chat/completions"
@@ -246,12 +253,39 @@ async def measure(
         try:
             async with aiohttp.ClientSession() as session:
                 await _hits(config, session, base + CHAT, app, photo, copies, args)
-                await _pieces(config, embedder, app, photo, copies, args)
                 await _misses(config, session, base + CHAT, up_url + CHAT, app, photo, args)
         finally:
             await runner.cleanup()
             await up_runner.cleanup()
+        # The pieces once the proxy's embed thread is gone: torch work on two threads at once
+        # would leave two OpenMP teams, which slows both (embeddings.embedder._load).
+        await _thread_gone("vlcache-embed")
+        store = await CacheStore.open(settings.database_url)
+        try:
+            await _pieces(config, embedder, store, photo, copies, args)
+        finally:
+            await store.close()
     await _batching(config, embedder, copies, args)
+
+
+async def _thread_gone(prefix: str, limit: float = 5.0) -> None:
+    """Wait until no thread named ``prefix...`` is left (an executor shut down without wait)."""
+    deadline = time.monotonic() + limit
+    while any(t.name.startswith(prefix) for t in threading.enumerate()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"thread {prefix} still running after {limit} s")
+        await asyncio.sleep(0.01)
+
+
+async def _on(thread: ThreadPoolExecutor, fn: Callable[[], T]) -> tuple[float, T]:
+    """``fn()`` run and timed on ``thread`` (the hand-off is not in the time)."""
+
+    def run() -> tuple[float, T]:
+        started = time.perf_counter()
+        result = fn()
+        return time.perf_counter() - started, result
+
+    return await asyncio.get_running_loop().run_in_executor(thread, run)
 
 
 async def _hits(
@@ -287,21 +321,39 @@ async def _hits(
 async def _pieces(
     config: Config,
     embedder: Embedder,
-    app: web.Application,
+    store: CacheStore,
     photo: bytes,
     copies: list[bytes],
     args: argparse.Namespace,
 ) -> None:
     entry = config.entry
+    # Every torch call of the pieces on one thread, as the proxy makes them on its embed thread.
+    torch_thread = ThreadPoolExecutor(1, thread_name_prefix="bench-embed")
+    try:
+        await _time_pieces(config, embedder, store, torch_thread, photo, copies, args, entry)
+    finally:
+        torch_thread.shutdown()
+
+
+async def _time_pieces(
+    config: Config,
+    embedder: Embedder,
+    store: CacheStore,
+    torch_thread: ThreadPoolExecutor,
+    photo: bytes,
+    copies: list[bytes],
+    args: argparse.Namespace,
+    entry: int,
+) -> None:
     stored_image = decode_picture(photo, MAX_PIXELS)
     stored_thumb = prepare(make_thumbnail(stored_image))
     index = VectorIndex(embedder.id, embedder.dim)
-    index.add(entry, ("ns", "fp"), embedder.embed([stored_image]))
+    _, stored_vector = await _on(torch_thread, lambda: embedder.embed([stored_image]))
+    index.add(entry, ("ns", "fp"), stored_vector)
     threshold = embedder.default_threshold
-    store = app[STORE]
     batcher: MicroBatcher[Image.Image, np.ndarray] = MicroBatcher(
         partial(embed_batch, embedder),
-        ThreadPoolExecutor(1),
+        torch_thread,
         max_batch=16,
         max_wait=0.002,
         max_queue=64,
@@ -332,10 +384,12 @@ async def _pieces(
         started = time.perf_counter()
         thumb = prepare(make_thumbnail(image))
         pieces[keys[2]].append(time.perf_counter() - started)
-        started = time.perf_counter()
-        vector = embedder.embed([image])
-        pieces[keys[3]].append(time.perf_counter() - started)
-        pieces[keys[4]].append(timed(lambda image=image: pixel_batch(embedder.preprocess, [image])))
+        took, vector = await _on(torch_thread, lambda image=image: embedder.embed([image]))
+        pieces[keys[3]].append(took)
+        took, _ = await _on(
+            torch_thread, lambda image=image: pixel_batch(embedder.preprocess, [image])
+        )
+        pieces[keys[4]].append(took)
         pieces[keys[5]].append(await timed_async(lambda image=image: batcher.submit(image)))
         pieces[keys[6]].append(timed(lambda vector=vector: index.search(("ns", "fp"), vector, 0)))
         started = time.perf_counter()
@@ -420,10 +474,13 @@ async def _batching(
         for number in range(count):
             await batcher.submit(images[number % len(images)])
         config.seq_rate = count / (time.perf_counter() - started)
-        started = time.perf_counter()
-        for number in range(count):
-            embedder.embed([images[number % len(images)]])
-        config.direct_rate = count / (time.perf_counter() - started)
+
+        def one_at_a_time() -> None:
+            for number in range(count):
+                embedder.embed([images[number % len(images)]])
+
+        took, _ = await _on(executor, one_at_a_time)  # on the batcher's thread, as it embeds
+        config.direct_rate = count / took
         batches_before, items_before = batcher.batches, batcher.items
         started = time.perf_counter()
         for _ in range(count // 16):
@@ -563,12 +620,14 @@ def report(
         "",
         "### Where a semantic hit's time goes",
         "",
-        f"Each piece called directly, {args.pieces} re-encoded copies, p50 (p99) in ms. The "
-        "proxy decodes in its CPU pool, then embeds through the micro-batcher on its embed "
-        "thread while the CPU pool makes and prepares the thumbnail; then the search on the "
-        "index thread, and the verifier on prepared thumbnails in the CPU pool while the answer "
-        "is read. The rest of a hit (HTTP, JSON parse, base64 + sha256 keying, exact lookup, "
-        "thread hand-offs, building the answer) is about the exact-hit p50 above.",
+        f"Each piece called directly, {args.pieces} re-encoded copies, p50 (p99) in ms, once the"
+        " proxy has stopped (torch calls on one thread of their own, the only one with torch "
+        "work alive). The proxy decodes in its CPU pool, then embeds through the micro-batcher "
+        "on its embed thread while the CPU pool makes and prepares the thumbnail; then the "
+        "search on the index thread, and the verifier on prepared thumbnails in the CPU pool "
+        "while the answer is read. The rest of a hit (HTTP, JSON parse, base64 + sha256 keying,"
+        " exact lookup, thread hand-offs, building the answer) is about the exact-hit p50 "
+        "above.",
         "",
         "| piece | " + " | ".join(cfg.label for cfg in configs) + " |",
         "|---|" + "---:|" * len(configs),
@@ -670,6 +729,13 @@ def _version(package: str) -> str:
         return "absent"
 
 
+def on_own_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` on a thread that ends with it: torch work here leaves no OpenMP team behind to
+    slow the next configuration's embed thread (``embeddings.embedder._load``)."""
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(fn).result()
+
+
 def clip_checkpoint(directory: Path) -> Path:
     import open_clip
 
@@ -694,7 +760,7 @@ async def run(args: argparse.Namespace) -> tuple[list[Config], list[Equivalence]
         for name in args.embedders.split(","):
             clip: dict[str, str] = {}
             if name == "clip":
-                path = clip_checkpoint(Path(tmp))
+                path = on_own_thread(partial(clip_checkpoint, Path(tmp)))
                 clip = {"clip_model": "ViT-B-32", "clip_pretrained": str(path)}
             last: dict[str, Embedder] = {}
             for item in runtimes:
@@ -727,7 +793,11 @@ async def run(args: argparse.Namespace) -> tuple[list[Config], list[Equivalence]
                     last[item] = embedder
             if pictures and {"torch", "onnx"} <= last.keys():
                 with c.timed(f"{name}: torch vs onnx on {len(pictures)} pictures"):
-                    same.append(equivalence(name, last["torch"], last["onnx"], pictures))
+                    same.append(
+                        on_own_thread(
+                            partial(equivalence, name, last["torch"], last["onnx"], pictures)
+                        )
+                    )
                 print(f"bench: {same[-1]}", file=sys.stderr)
     with c.timed("miss path with --embedder none"):
         configs.append(await miss_without_tier(photo, args))

@@ -17,7 +17,9 @@ the ones the thresholds were calibrated on (bf16 moves them by up to cosine 0.99
 and on such a CPU (AMD EPYC with AVX512-BF16, 2 cores; bench/RESULTS.md "Semantic tier speed")
 an EfficientNet-Lite0 semantic hit took p50 18.5-20 ms on onnx fp32 against 27-29 ms in torch
 bf16. CLIP ViT-B-32 is the exception there: 38 ms in torch bf16 against 46 ms on onnx (p50, 2
-threads; p99 52 and 51), so `--embed-precision bf16` is worth trying with CLIP on such CPUs.
+threads; p99 52 and 51), and on an Intel Xeon with AMX 45 ms against 63 (EfficientNet-Lite0
+there: 33 ms in torch bf16, 19 on onnx), so `--embed-precision bf16` is worth trying with CLIP on
+such CPUs.
 
 Precision: bf16 roughly halves the cost of a forward pass on CPUs that have native bf16 kernels
 (AVX512-BF16 / AMX; measured 90 -> 38 ms for ViT-B-32 on a Zen4 core pair), but on a CPU without
@@ -29,6 +31,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
@@ -262,8 +266,9 @@ def load_embedder(
         clip_model: open_clip architecture name (CLIP only).
         clip_pretrained: an open_clip pretrained tag, or the path of a local checkpoint file;
             None means the default tag "laion2b_s34b_b79k", which open_clip fetches and caches.
-        threads: intra-op threads of torch (process-wide, `torch.set_num_threads`) and of ONNX
-            Runtime; None leaves torch's choice, which ONNX Runtime then follows.
+        threads: intra-op threads of the model: torch's (process-wide, `torch.set_num_threads`)
+            or ONNX Runtime's, and then torch, left with the preprocessing, gets one; None
+            leaves torch's choice, which ONNX Runtime then follows.
         precision: "auto" (on torch: bf16 where the CPU has native bf16, else fp32; on onnx:
             fp32), "fp32" or "bf16".
         runtime: "auto" (onnx unless precision is "bf16" or the export fails, else torch),
@@ -292,37 +297,65 @@ def load_embedder(
         )
     dtype = resolve_dtype(precision)
     on_onnx = runtime == "onnx" or (runtime == "auto" and precision != "bf16")
-    embedder: TorchImageEmbedder | OnnxImageEmbedder
-    if not on_onnx:
-        embedder = _load_torch(name, clip_model, clip_pretrained, dtype)
-    else:
-        # Imported here: the torch path needs none of onnxruntime, onnx and onnxscript.
-        from embeddings.onnx_runtime import default_cache_dir, load_onnx_embedder
-
-        fp32 = _load_torch(name, clip_model, clip_pretrained, torch.float32)
-        try:
-            embedder = load_onnx_embedder(
-                fp32,
-                cache_dir=default_cache_dir() if cache_dir is None else cache_dir,
-                threads=torch.get_num_threads(),
-            )
-        except ModelLoadError as exc:
-            if runtime == "onnx":
-                raise
-            logger.warning("embedding with torch instead of ONNX Runtime: %s", exc)
-            if dtype == torch.float32:
-                embedder = fp32
-            else:
-                embedder = _load_torch(name, clip_model, clip_pretrained, dtype)
+    load = partial(_load, name, clip_model, clip_pretrained, dtype, on_onnx, runtime, cache_dir)
+    with ThreadPoolExecutor(1, thread_name_prefix="vlcache-load-embedder") as loader:
+        # Its own thread, ended with the load: see _load.
+        embedder = loader.submit(load).result()
+    model_threads = torch.get_num_threads()
+    if embedder.runtime == "onnx":
+        # torch is left with the preprocessing alone: on one thread, so that no OpenMP team
+        # spins beside ONNX Runtime's pool (EfficientNet-Lite0: 11.0 -> 9.4-9.8 ms a picture).
+        torch.set_num_threads(1)
     logger.info(
         "embedder %s loaded: dim=%d runtime=%s precision=%s threads=%d",
         embedder.id,
         embedder.dim,
         embedder.runtime,
         embedder.precision,
-        torch.get_num_threads(),
+        model_threads,
     )
     return embedder
+
+
+def _load(
+    name: str,
+    clip_model: str,
+    clip_pretrained: str | None,
+    dtype: torch.dtype,
+    on_onnx: bool,
+    runtime: str,
+    cache_dir: Path | None,
+) -> TorchImageEmbedder | OnnxImageEmbedder:
+    """The embedder, loaded on a thread that ends when it is loaded (``load_embedder``).
+
+    Loading runs forward passes (the weights' conversion, the ONNX export and its check), and
+    torch's OpenMP runtime (libgomp) keeps a team of worker threads for every thread that ever
+    ran parallel work, for as long as that thread lives. Once the teams hold more threads than
+    there are CPUs, their workers sleep between parallel regions instead of spinning, and each of
+    a forward pass's hundreds of small regions pays a wake-up: a model loaded on one long-lived
+    thread and run on another embedded a picture in 50-52 ms instead of 31-32 (CLIP ViT-B-32,
+    torch bf16, 2 cores with AMX) and 79 instead of 59-63 ms (fp32). ONNX Runtime's own pool is
+    not affected (52 ms either way). The thread that embeds should be the only one with a team.
+    """
+    if not on_onnx:
+        return _load_torch(name, clip_model, clip_pretrained, dtype)
+    # Imported here: the torch path needs none of onnxruntime, onnx and onnxscript.
+    from embeddings.onnx_runtime import default_cache_dir, load_onnx_embedder
+
+    fp32 = _load_torch(name, clip_model, clip_pretrained, torch.float32)
+    try:
+        return load_onnx_embedder(
+            fp32,
+            cache_dir=default_cache_dir() if cache_dir is None else cache_dir,
+            threads=torch.get_num_threads(),
+        )
+    except ModelLoadError as exc:
+        if runtime == "onnx":
+            raise
+        logger.warning("embedding with torch instead of ONNX Runtime: %s", exc)
+        if dtype == torch.float32:
+            return fp32
+        return _load_torch(name, clip_model, clip_pretrained, dtype)
 
 
 def _load_torch(

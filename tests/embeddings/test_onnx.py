@@ -11,6 +11,7 @@ import copy
 import logging
 import shutil
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,11 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 from PIL import Image
 
+from embeddings import embedder as embedder_module
 from embeddings.embedder import Embedder, TorchImageEmbedder, load_embedder
 from embeddings.errors import EmbeddingError, ModelLoadError
 from embeddings.images import decode_image
@@ -315,3 +318,37 @@ def test_bad_session_output_is_an_embedding_error(
     )
     with pytest.raises(EmbeddingError, match=message):
         embedder.embed(photos[:1])
+
+
+def test_loading_runs_on_a_thread_that_has_ended_when_it_returns(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A thread that ran torch work keeps an OpenMP team while it lives, and a second team beside
+    the embed thread's slows embedding (``embeddings.embedder._load``): the load's own forward
+    passes run on a thread of their own, ended by the time ``load_embedder`` returns."""
+    loaded_on: list[threading.Thread] = []
+    load_torch = embedder_module._load_torch
+
+    def recording(*args: Any) -> TorchImageEmbedder:
+        loaded_on.append(threading.current_thread())
+        return load_torch(*args)
+
+    monkeypatch.setattr(embedder_module, "_load_torch", recording)
+    load_embedder("efficientnet-lite0", runtime="torch", precision="fp32", cache_dir=tmp_path)
+    (thread,) = loaded_on
+    assert thread is not threading.current_thread()
+    assert not thread.is_alive()
+
+
+def test_onnx_leaves_torch_one_thread_for_the_preprocessing(
+    export_file: Path, tmp_path: Path
+) -> None:
+    before = torch.get_num_threads()
+    try:
+        cache = cached_copy(export_file, tmp_path).parent
+        embedder = load_embedder("efficientnet-lite0", runtime="onnx", threads=2, cache_dir=cache)
+        assert isinstance(embedder, OnnxImageEmbedder)
+        assert embedder.threads == 2
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
