@@ -5,7 +5,10 @@ project's 2-core machines: embedding one photo (preprocessing included) took 7-9
 19-21 with EfficientNet-Lite0, 32-57 ms instead of 80-122 with CLIP ViT-B-32 (1 or 2 threads,
 two runs of bench/semantic_perf.py; ~4.3 ms of each is the preprocessing, the same in both), and
 a semantic hit through the proxy p50 18.5-20 ms instead of 29-35 (EfficientNet-Lite0), and 43-46
-instead of 112-148 (CLIP, 2 threads).
+instead of 112-148 (CLIP, 2 threads). Those torch figures carry a threading penalty fixed since
+(a model loaded on one thread and run on another, ``embeddings.embedder._load``); without it, on
+an Intel Xeon with AMX, the hit took 19 ms on onnx against 30 in torch fp32 (EfficientNet-Lite0)
+and 64 against 75 (CLIP): onnx still leads, by less.
 The embedder's torch model is loaded as usual (weights, key mapping, open_clip's own checkpoint
 code: nothing about loading changes), exported with `torch.onnx.export(dynamo=True)` with a
 dynamic batch axis (the micro-batcher sends 1 to 16 images), written to a cache directory, and run
