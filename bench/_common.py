@@ -23,10 +23,11 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -44,6 +45,21 @@ reruns (written by hand).
 
 
 # --- processes --------------------------------------------------------------------------------
+
+
+T = TypeVar("T")
+
+
+def on_own_thread(function: Callable[[], T]) -> T:
+    """``function()`` on a thread that ends with it.
+
+    A thread that ran torch work keeps an OpenMP team of workers while it lives, and with a
+    second team beside the one of the thread that embeds, both run torch ~1.6x slower on 2 cores
+    (``embeddings.embedder._load``). The benchmarks' own torch work runs this way, so that what
+    they measure runs, as in vlcache, with the only team alive.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="bench-torch") as thread:
+        return thread.submit(function).result()
 
 
 def free_port() -> int:

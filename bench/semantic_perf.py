@@ -729,13 +729,6 @@ def _version(package: str) -> str:
         return "absent"
 
 
-def on_own_thread(fn: Callable[[], T]) -> T:
-    """``fn()`` on a thread that ends with it: torch work here leaves no OpenMP team behind to
-    slow the next configuration's embed thread (``embeddings.embedder._load``)."""
-    with ThreadPoolExecutor(1) as thread:
-        return thread.submit(fn).result()
-
-
 def clip_checkpoint(directory: Path) -> Path:
     import open_clip
 
@@ -760,7 +753,7 @@ async def run(args: argparse.Namespace) -> tuple[list[Config], list[Equivalence]
         for name in args.embedders.split(","):
             clip: dict[str, str] = {}
             if name == "clip":
-                path = on_own_thread(partial(clip_checkpoint, Path(tmp)))
+                path = c.on_own_thread(partial(clip_checkpoint, Path(tmp)))
                 clip = {"clip_model": "ViT-B-32", "clip_pretrained": str(path)}
             last: dict[str, Embedder] = {}
             for item in runtimes:
@@ -794,7 +787,7 @@ async def run(args: argparse.Namespace) -> tuple[list[Config], list[Equivalence]
             if pictures and {"torch", "onnx"} <= last.keys():
                 with c.timed(f"{name}: torch vs onnx on {len(pictures)} pictures"):
                     same.append(
-                        on_own_thread(
+                        c.on_own_thread(
                             partial(equivalence, name, last["torch"], last["onnx"], pictures)
                         )
                     )

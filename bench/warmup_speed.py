@@ -39,12 +39,9 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -63,8 +60,6 @@ from proxy.semantic import decode_picture  # noqa: E402
 from proxy.settings import Settings  # noqa: E402
 from proxy.standin import openai_answer  # noqa: E402
 from proxy.warmup import warm_up  # noqa: E402
-
-T = TypeVar("T")
 
 TITLE = "Warm-up speed (issue 5)"
 TARGET = 0.80
@@ -150,11 +145,6 @@ def raw_rate(embedder: Embedder, pictures: list[Image.Image], batch: int) -> flo
     return len(pictures) / (time.perf_counter() - started)
 
 
-def on_embed_thread(embed_thread: ThreadPoolExecutor, function: Callable[[], T]) -> T:
-    """``function()`` on the benchmark's own embedder thread, as the proxy and warm-up run it."""
-    return embed_thread.submit(function).result()
-
-
 def write_log(path: Path, photos: list[bytes]) -> None:
     """A ``--record``-format log: one exchange per photo, same question, its own answer."""
     with path.open("w") as f:
@@ -222,7 +212,7 @@ def measure(name: str, args: argparse.Namespace, photos: list[bytes], tmp: Path)
         embedder = load_embedder(
             "clip",
             clip_model="ViT-B-32",
-            clip_pretrained=str(clip_checkpoint(tmp)),
+            clip_pretrained=str(c.on_own_thread(partial(clip_checkpoint, tmp))),
             precision=args.precision,
         )
     else:
@@ -230,9 +220,9 @@ def measure(name: str, args: argparse.Namespace, photos: list[bytes], tmp: Path)
     log = tmp / f"{name}.jsonl"
     write_log(log, photos)
     pictures, decode_ms, thumbnail_ms = decode_all(photos)
-    embed_thread = ThreadPoolExecutor(1, thread_name_prefix="bench-embed")
-    # First pass: allocations, kernel selection.
-    on_embed_thread(embed_thread, partial(embedder.embed, pictures[: args.batch]))
+    # First pass: allocations, kernel selection. The raw runs, like this one, on threads that
+    # end with them: warm-up's embed thread is then the only one with torch work alive.
+    c.on_own_thread(partial(embedder.embed, pictures[: args.batch]))
     raws: list[float] = []
     warms: list[float] = []
     others: list[float] = []
@@ -242,7 +232,7 @@ def measure(name: str, args: argparse.Namespace, photos: list[bytes], tmp: Path)
         busy, own, wall = c.machine_busy_seconds(), time.process_time(), time.time()
         attempt = len(raws) + discarded + 1
         with c.timed(f"{name}: raw embedder, attempt {attempt}"):
-            raw = on_embed_thread(embed_thread, partial(raw_rate, embedder, pictures, args.batch))
+            raw = c.on_own_thread(partial(raw_rate, embedder, pictures, args.batch))
         with c.timed(f"{name}: warm-up, attempt {attempt}"):
             warm = warm_rate(embedder, log, tmp / f"data-{name}-{attempt}", args.batch)
         # Cores other processes kept busy meanwhile: a pair they disturbed is measured again.
@@ -260,7 +250,6 @@ def measure(name: str, args: argparse.Namespace, photos: list[bytes], tmp: Path)
         raws.append(raw)
         warms.append(warm)
         others.append(other)
-    embed_thread.shutdown()
     return Row(
         name,
         getattr(embedder, "precision", args.precision),
