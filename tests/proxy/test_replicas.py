@@ -187,7 +187,11 @@ async def test_a_leaders_uncacheable_answer_frees_other_replicas_followers_at_on
     async with aiohttp.ClientSession() as client:
         question = openai_chat("Cut short for the leader", data_uri(jpeg_bytes(64)))
         on_a = asyncio.ensure_future(a.ask(client, question))
-        await asyncio.sleep(0.3)  # a holds the claim and waits for the model
+
+        async def a_asked_the_model() -> bool:
+            return len(fake.chat_calls) == 1
+
+        await visible_within(a_asked_the_model, 5)  # so a holds the claim, for ~1 s more
         began = time.monotonic()
         headers = await b.ask(client, question)
         waited = time.monotonic() - began
@@ -195,6 +199,6 @@ async def test_a_leaders_uncacheable_answer_frees_other_replicas_followers_at_on
         # b followed a's claim until a gave it up with nothing stored, then asked the model
         # itself: at once, not when the 30 s lease ran out.
         assert headers["X-Cache"] == "MISS"
-        assert 0.4 < waited < 5
+        assert 0.5 < waited < 5
         assert len(fake.chat_calls) == 2
         assert (await b.ask(client, question))["X-Cache"] == "HIT"  # its own answer was stored
