@@ -267,7 +267,7 @@ def report(rows: list[Row], args: argparse.Namespace, source: str, started: floa
     """The RESULTS.md section."""
     facts = c.machine_facts()
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    command = shlex.join(["/work/venv/bin/python", "bench/warmup_speed.py", *sys.argv[1:]])
+    command = shlex.join([sys.executable, *sys.argv])
     lines = [
         f"Command: `{command}` (repo root), {now}, {time.perf_counter() - started:.0f} s in all. "
         f"Code measured: {c.describe_source(REPO_ROOT)}. Machine: {facts['nproc']} cores "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -172,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\nper-pair scores: {cache / 'verifier_scores.json'}")
     if args.results:
         stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        command = "/work/venv/bin/python -m bench.quality.eval_verifier"
+        command = shlex.join([sys.executable, "-m", "bench.quality.eval_verifier", *sys.argv[1:]])
         text = f"`{command}`, {stamp}, {_common.describe_source(_common.REPO_ROOT)}.\n\n{report}"
         _common.replace_section("Quality: verifier alone", text)
 

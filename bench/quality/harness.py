@@ -31,6 +31,7 @@ import asyncio
 import json
 import mimetypes
 import random
+import shlex
 import sys
 import tempfile
 import time
@@ -604,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.results:
         stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         facts = _common.machine_facts()
-        command = "/work/venv/bin/python -m bench.quality.harness --results"
+        command = shlex.join([sys.executable, "-m", "bench.quality.harness", *sys.argv[1:]])
         head = (
             f"`{command}`, {stamp}, {_common.describe_source(_common.REPO_ROOT)}; "
             f"{facts['nproc']} cores ({facts['cpu']}), Python {facts['python']}."
