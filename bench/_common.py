@@ -38,7 +38,7 @@ PROFILE_RATE = 200
 _RESULTS_HEADER = """# Benchmark results
 
 Measurements of vlcache made by the scripts in `bench/`, one section per benchmark. Each section is
-rewritten by its script (`/work/venv/bin/python bench/<name>.py` from the repo root) and states the
+rewritten by its script (`.venv/bin/python bench/<name>.py` from the repo root) and states the
 command, the date, the machine and the figures; a `### Notes` part under a section is kept across
 reruns (written by hand).
 """

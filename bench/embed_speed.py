@@ -1,6 +1,6 @@
 """Embedding speed and bf16 fidelity on this machine: the numbers behind `precision="auto"`.
 
-Run from the repo root: ``/work/venv/bin/python bench/embed_speed.py`` (1-3 minutes).
+Run from the repo root: ``.venv/bin/python bench/embed_speed.py`` (1-3 minutes).
 
 Prints, for EfficientNet-Lite0 (its real packaged weights) and open_clip ViT-B-32 (random weights:
 speed does not depend on them), the median milliseconds per image of one forward pass at batch 1

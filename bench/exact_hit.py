@@ -1,6 +1,6 @@
 """Exact-hit path benchmark (issue 2): vlcache against its upstream double and a floor server.
 
-Run from the repo root: ``/work/venv/bin/python bench/exact_hit.py`` (about 2 minutes).
+Run from the repo root: ``.venv/bin/python bench/exact_hit.py`` (about 2 minutes).
 
 Three kinds of server, each in its own process, all on 127.0.0.1:
 

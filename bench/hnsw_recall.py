@@ -1,6 +1,6 @@
 """HNSW search depth (efSearch) against recall and time: the numbers behind ``_HNSW_EF_SEARCH``.
 
-Run from the repo root: ``/work/venv/bin/python bench/hnsw_recall.py`` (about a minute).
+Run from the repo root: ``.venv/bin/python bench/hnsw_recall.py`` (about a minute).
 
 Two sets, each searched with the index's own HNSW settings (M 32, inner product, 1 thread) at
 several efSearch values, 16 candidates per query as ``store.index`` asks for:

@@ -1,6 +1,6 @@
 """FAISS index at 1M vectors: build time, memory, restricted search latency, recall, snapshots.
 
-Run from the repo root: ``/work/venv/bin/python bench/index_1m.py`` (about 5-10 minutes, ~10 GB
+Run from the repo root: ``.venv/bin/python bench/index_1m.py`` (about 5-10 minutes, ~10 GB
 of RAM at the peak, a ~2.3 GB snapshot in the temp directory, removed at the end).
 
 Builds ``store.index.VectorIndex("bench/random-512", 512)`` (``approx_rows`` as `vlcache serve`'s

@@ -1,6 +1,6 @@
 """Miss path, paired A/B: two source trees of vlcache side by side, in alternating short blocks.
 
-Run from the repo root: ``/work/venv/bin/python bench/miss_ab.py --old DIR`` (about 6 minutes
+Run from the repo root: ``.venv/bin/python bench/miss_ab.py --old DIR`` (about 6 minutes
 with the defaults), where ``DIR`` is another source tree, e.g. ``git worktree add /tmp/old
 <commit> --detach``; ``--new`` defaults to this checkout.
 

@@ -12,7 +12,7 @@ index must have followed A's entry through its sync loop). Then both replicas st
 Targets (issue 6): cross-replica visibility <= 1 s p99; an idle replica's sync loop < 2% of one
 core.
 
-    /work/venv/bin/python bench/replicas.py            # from the repo root
+    .venv/bin/python bench/replicas.py            # from the repo root
 """
 
 from __future__ import annotations

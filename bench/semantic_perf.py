@@ -1,6 +1,6 @@
 """Semantic tier speed: near-duplicate hit latency, its breakdown, micro-batching, miss overhead.
 
-Run from the repo root: ``/work/venv/bin/python bench/semantic_perf.py`` (about 8-10 minutes).
+Run from the repo root: ``.venv/bin/python bench/semantic_perf.py`` (about 8-10 minutes).
 
 Everything runs in this process on 127.0.0.1: the stand-in model (``proxy.standin.StandIn``,
 latency 0) and the real proxy (``proxy.app.create_app``) on ``web.AppRunner``s, and one aiohttp

@@ -1,6 +1,6 @@
 """Streaming and coalescing benchmark (issue 4): vlcache in front of a model that streams.
 
-Run from the repo root: ``/work/venv/bin/python bench/stream_coalesce.py`` (about 2 minutes).
+Run from the repo root: ``.venv/bin/python bench/stream_coalesce.py`` (about 2 minutes).
 
 Three processes, all on 127.0.0.1:
 

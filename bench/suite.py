@@ -1,7 +1,7 @@
 """The whole performance suite, one command: every benchmark in turn, then a summary section.
 
-    /work/venv/bin/python bench/suite.py            # from the repo root; ~40-60 min here
-    /work/venv/bin/python bench/suite.py --only replicas,stream_coalesce
+    .venv/bin/python bench/suite.py            # from the repo root; ~40-60 min here
+    .venv/bin/python bench/suite.py --only replicas,stream_coalesce
 
 Each benchmark runs as its own process with the arguments below and rewrites its own section of
 ``bench/RESULTS.md`` (with its command, date, machine and figures); this script adds the "Suite"

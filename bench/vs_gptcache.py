@@ -1,6 +1,6 @@
 """vlcache against GPTCache on the same workload, in one run (issue 6, item 4).
 
-Run from the repo root: ``/work/venv/bin/python bench/vs_gptcache.py`` (about 6 minutes on 2
+Run from the repo root: ``.venv/bin/python bench/vs_gptcache.py`` (about 6 minutes on 2
 cores; ``--quick``: a smoke run of about 2 minutes that leaves ``bench/RESULTS.md`` alone).
 
 GPTCache is not a dependency of vlcache: this script checks at start that the PyPI package

@@ -1,6 +1,6 @@
 """Warm-up speed: ``vlcache warmup``'s throughput against the embedder's own, on the same photos.
 
-Run from the repo root: ``/work/venv/bin/python bench/warmup_speed.py`` (about 2-4 minutes).
+Run from the repo root: ``.venv/bin/python bench/warmup_speed.py`` (about 2-4 minutes).
 
 For each embedder (EfficientNet-Lite0 with its packaged weights; open_clip ViT-B-32 with random
 weights saved to a temporary checkpoint, as ``semantic_perf.py`` does: speed does not depend on

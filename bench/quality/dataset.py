@@ -2,7 +2,7 @@
 
 Usage (from the repo root)::
 
-    /work/venv/bin/python -m bench.quality.dataset [--cache DIR] [--workers N]
+    .venv/bin/python -m bench.quality.dataset [--cache DIR] [--workers N]
 
 Downloads the Debian packages that ship real pictures (``apt-get download`` + ``dpkg -x``, skipped
 when already there), keeps the distinct pictures, and writes derived images plus ``manifest.json``

@@ -2,7 +2,7 @@
 
 Usage (from the repo root, after ``python -m bench.quality.dataset``)::
 
-    /work/venv/bin/python -m bench.quality.eval_verifier [--cache DIR] [--negatives N] [--results]
+    .venv/bin/python -m bench.quality.eval_verifier [--cache DIR] [--negatives N] [--results]
 
 Prints, per split (``tune`` / ``held``): the pass rate on positives by edit family, the number of
 text/digit edits that pass (must be 0), the pass rate on hard-similar pairs by reason and on a

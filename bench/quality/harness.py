@@ -3,7 +3,7 @@
 Usage (from the repo root, after ``python -m bench.quality.dataset`` and, for the cached verdicts,
 ``python -m bench.quality.eval_verifier``)::
 
-    /work/venv/bin/python -m bench.quality.harness [--cache DIR] [--e2e N] [--results]
+    .venv/bin/python -m bench.quality.harness [--cache DIR] [--e2e N] [--results]
 
 1. Embeds every picture of the manifest once with the offline embedder (EfficientNet-Lite0, fp32,
    2 threads), decoded exactly as ``proxy/semantic.py`` decodes them; the vectors are cached in
