@@ -11,7 +11,8 @@ requests follow its one leader, and only that leader claims.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from store.cache import CacheStore
 from store.errors import StoreError
@@ -25,19 +26,25 @@ class MissClaims:
     """This process's claims on misses, and its waits for other processes' claims."""
 
     def __init__(
-        self, settings: Settings, store: CacheStore, fail: Callable[[str, str], None]
+        self,
+        settings: Settings,
+        store: CacheStore,
+        fail: Callable[[str, str], None],
+        in_background: Callable[[Coroutine[Any, Any, None]], None],
     ) -> None:
+        """``fail`` reports a failure of the store; ``in_background`` runs a release as a task
+        that the service's shutdown waits for."""
         self._store = store
         self._lease = settings.claim_lease
         self._longest_wait = settings.read_timeout
         self._fail = fail
+        self._in_background = in_background
         coalesce = settings.coalesce_across_processes
         self._enabled = (
             coalesce if coalesce is not None else settings.database_url.startswith("postgresql")
         )
         # Misses this process claimed: key -> its entry is on its way to the store?
         self._held: dict[str, bool] = {}
-        self._releasing: set[asyncio.Task[None]] = set()
 
     async def follow(self, call: CachedCall) -> StoredAnswer | None:
         """Claim this miss for this process, or wait for the process that holds the claim.
@@ -69,14 +76,7 @@ class MissClaims:
         the claim now."""
         stored = self._held.pop(exact_key, None)
         if stored is False:
-            task = asyncio.create_task(self._release(exact_key))
-            self._releasing.add(task)
-            task.add_done_callback(self._releasing.discard)
-
-    async def drain(self) -> None:
-        """Wait for the claims still being given up (at shutdown)."""
-        while self._releasing:
-            await asyncio.gather(*self._releasing, return_exceptions=True)
+            self._in_background(self._release(exact_key))
 
     async def _release(self, exact_key: str) -> None:
         try:

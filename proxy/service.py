@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -77,7 +79,7 @@ class CacheService:
         self._background: set[asyncio.Task[None]] = set()
         self._inflight: dict[str, Flight] = {}
         self._known_bodies = KnownBodies(_KNOWN_BODY_BYTES, _INLINE_BODY)
-        self._claims = MissClaims(settings, store, self._fail)
+        self._claims = MissClaims(settings, store, self._fail, self._in_background)
 
     async def respond(self, request: web.Request) -> web.StreamResponse:
         """Answer one client request (any method, any path)."""
@@ -212,10 +214,9 @@ class CacheService:
         return await self._forward_miss(request, body, call, embedding, flight)
 
     async def drain(self) -> None:
-        """Wait for the entries still being stored, and the claims being given up (at shutdown)."""
+        """Wait for the entries still being stored and the claims being given up (at shutdown)."""
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        await self._claims.drain()
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole request body, its chunks joined once.
@@ -529,7 +530,11 @@ class CacheService:
             embedded = await embedding
             self._store.add(self._steps.with_vectors(entry, embedded))
 
-        task = asyncio.create_task(finish())
+        self._in_background(finish())
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task that ``drain`` waits for at shutdown."""
+        task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
