@@ -295,9 +295,7 @@ def load_embedder(
             "runtime onnx runs fp32 only (ONNX Runtime has no fast bf16 path on CPU): "
             "use precision fp32 or auto with it, or runtime torch for bf16"
         )
-    dtype = resolve_dtype(precision)
-    on_onnx = runtime == "onnx" or (runtime == "auto" and precision != "bf16")
-    load = partial(_load, name, clip_model, clip_pretrained, dtype, on_onnx, runtime, cache_dir)
+    load = partial(_load, name, clip_model, clip_pretrained, precision, runtime, cache_dir)
     with ThreadPoolExecutor(1, thread_name_prefix="vlcache-load-embedder") as loader:
         # Its own thread, ended with the load: see _load.
         embedder = loader.submit(load).result()
@@ -321,8 +319,7 @@ def _load(
     name: str,
     clip_model: str,
     clip_pretrained: str | None,
-    dtype: torch.dtype,
-    on_onnx: bool,
+    precision: str,
     runtime: str,
     cache_dir: Path | None,
 ) -> TorchImageEmbedder | OnnxImageEmbedder:
@@ -337,7 +334,8 @@ def _load(
     torch bf16, 2 cores with AMX) and 79 instead of 59-63 ms (fp32). ONNX Runtime's own pool is
     not affected (52 ms either way). The thread that embeds should be the only one with a team.
     """
-    if not on_onnx:
+    dtype = resolve_dtype(precision)
+    if runtime == "torch" or (runtime == "auto" and precision == "bf16"):
         return _load_torch(name, clip_model, clip_pretrained, dtype)
     # Imported here: the torch path needs none of onnxruntime, onnx and onnxscript.
     from embeddings.onnx_runtime import default_cache_dir, load_onnx_embedder
