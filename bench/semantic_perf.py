@@ -326,11 +326,10 @@ async def _pieces(
     copies: list[bytes],
     args: argparse.Namespace,
 ) -> None:
-    entry = config.entry
     # Every torch call of the pieces on one thread, as the proxy makes them on its embed thread.
-    torch_thread = ThreadPoolExecutor(1, thread_name_prefix="bench-embed")
+    torch_thread = ThreadPoolExecutor(1, thread_name_prefix="bench-torch")
     try:
-        await _time_pieces(config, embedder, store, torch_thread, photo, copies, args, entry)
+        await _time_pieces(config, embedder, store, torch_thread, photo, copies, args)
     finally:
         torch_thread.shutdown()
 
@@ -343,8 +342,8 @@ async def _time_pieces(
     photo: bytes,
     copies: list[bytes],
     args: argparse.Namespace,
-    entry: int,
 ) -> None:
+    entry = config.entry
     stored_image = decode_picture(photo, MAX_PIXELS)
     stored_thumb = prepare(make_thumbnail(stored_image))
     index = VectorIndex(embedder.id, embedder.dim)
